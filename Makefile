@@ -1,0 +1,39 @@
+# The two commands a user needs: `make demo` and `make test`. Both set up what is
+# missing first (a Python venv holding torch 2.11.0, whose libtorch tch links, and
+# the reference packages the parity tests compare against) and are fast when done.
+
+SHELL := /bin/bash
+VENV := $(CURDIR)/.venv
+STAMP := $(CURDIR)/.setup
+
+# tch finds libtorch through the venv's torch; the build scripts add an rpath to it.
+export LIBTORCH_USE_PYTORCH := 1
+export PATH := $(VENV)/bin:$(PATH)
+export VIRTUAL_ENV := $(VENV)
+export COREG_PYTHON := $(VENV)/bin/python
+
+.PHONY: setup build test lint demo clean-setup
+
+setup: $(STAMP)/venv
+
+$(STAMP)/venv: tests/reference/requirements.txt
+	@test -x $(VENV)/bin/python || python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/reference/requirements.txt
+	@mkdir -p $(STAMP) && touch $@
+
+build: setup
+	cargo build --workspace --all-targets
+
+lint: setup
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+test: build lint
+	cargo test --workspace
+
+demo: build
+	cargo run --quiet -p coreg --bin coreg -- model init --size tiny --seed 0 --out target/demo/model
+	@echo "demo model written to target/demo/model"
+
+clean-setup:
+	rm -rf $(VENV) $(STAMP)
