@@ -16,11 +16,40 @@ use crate::{Error, Result};
 /// Reads a JSON file into `T`, naming the file and the offending key on failure.
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = non_finite_to_null(&text);
     let de = &mut serde_json::Deserializer::from_str(&text);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let key = e.path().to_string();
         Error::config(path, key, e.into_inner().to_string())
     })
+}
+
+/// Python's `json` writes `Infinity`, `-Infinity` and `NaN`, which are not JSON:
+/// diffusers saves `"lambda_min_clipped": -Infinity` in DPM-Solver configs. Outside
+/// strings they become `null` (every such key is optional here).
+fn non_finite_to_null(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut in_string = false;
+    let mut escaped = false;
+    let mut rest = text;
+    while let Some(c) = rest.chars().next() {
+        if in_string {
+            in_string = escaped || c != '"';
+            escaped = !escaped && c == '\\';
+        } else if c == '"' {
+            in_string = true;
+        } else if let Some(literal) = ["-Infinity", "Infinity", "NaN"]
+            .iter()
+            .find(|l| rest.starts_with(*l))
+        {
+            out.push_str("null");
+            rest = &rest[literal.len()..];
+            continue;
+        }
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    out
 }
 
 /// A value diffusers accepts either once for every block or once per block.
@@ -156,6 +185,24 @@ pub struct UNetConfig {
     #[serde(default = "three")]
     pub conv_out_kernel: usize,
     pub encoder_hid_dim: Option<usize>,
+    // Options of later diffusers U-Nets that SD 2.1 leaves at their defaults. They are
+    // read only to refuse a non-default value, which would otherwise build a
+    // different network than the checkpoint was trained as.
+    pub time_embedding_dim: Option<usize>,
+    pub time_embedding_act_fn: Option<String>,
+    pub timestep_post_act: Option<String>,
+    pub time_cond_proj_dim: Option<usize>,
+    #[serde(default)]
+    pub resnet_skip_time_act: bool,
+    #[serde(default = "one_f")]
+    pub resnet_out_scale_factor: f64,
+    pub cross_attention_norm: Option<String>,
+    pub attention_type: Option<String>,
+    #[serde(default)]
+    pub class_embeddings_concat: bool,
+    pub addition_time_embed_dim: Option<usize>,
+    pub reverse_transformer_layers_per_block: Option<serde_json::Value>,
+    pub mid_block_only_cross_attention: Option<bool>,
 }
 
 fn one_f() -> f64 {
@@ -195,18 +242,80 @@ impl UNetConfig {
             Some("UNetMidBlock2DCrossAttn") => {}
             other => return bad("mid_block_type", format!("unsupported mid block {other:?}")),
         }
-        if self.heads_per_block().is_none() {
+        match self.heads_per_block() {
+            None => {
+                return bad(
+                    "attention_head_dim",
+                    format!("needs one value or {n} values (one per block)"),
+                )
+            }
+            Some(heads) if heads.contains(&0) => {
+                return bad(
+                    "attention_head_dim",
+                    "a block cannot have zero attention heads".into(),
+                )
+            }
+            Some(_) => {}
+        }
+        let time_embed = 4 * self.block_out_channels[0];
+        if self.time_embedding_dim.is_some_and(|d| d != time_embed) {
             return bad(
-                "attention_head_dim",
-                format!("needs one value or {n} values (one per block)"),
+                "time_embedding_dim",
+                format!("only the default {time_embed} is supported"),
             );
+        }
+        let non_default = [
+            (
+                "time_embedding_act_fn",
+                self.time_embedding_act_fn.is_some(),
+            ),
+            ("timestep_post_act", self.timestep_post_act.is_some()),
+            ("time_cond_proj_dim", self.time_cond_proj_dim.is_some()),
+            ("resnet_skip_time_act", self.resnet_skip_time_act),
+            (
+                "resnet_out_scale_factor",
+                self.resnet_out_scale_factor != 1.0,
+            ),
+            ("cross_attention_norm", self.cross_attention_norm.is_some()),
+            (
+                "attention_type",
+                self.attention_type
+                    .as_deref()
+                    .is_some_and(|t| t != "default"),
+            ),
+            ("class_embeddings_concat", self.class_embeddings_concat),
+            (
+                "addition_time_embed_dim",
+                self.addition_time_embed_dim.is_some(),
+            ),
+            (
+                "reverse_transformer_layers_per_block",
+                self.reverse_transformer_layers_per_block
+                    .as_ref()
+                    .is_some_and(|v| !v.is_null()),
+            ),
+            (
+                "mid_block_only_cross_attention",
+                self.mid_block_only_cross_attention == Some(true),
+            ),
+        ];
+        if let Some((key, _)) = non_default.iter().find(|(_, set)| *set) {
+            return bad(key, "only the SD 2.1 default is supported".into());
         }
         match self.transformer_layers_per_block.expand(n) {
             Some(v) if v.iter().all(|&l| l == 1) => {}
-            _ => return bad("transformer_layers_per_block", "only 1 is supported (SD 2.1)".into()),
+            _ => {
+                return bad(
+                    "transformer_layers_per_block",
+                    "only 1 is supported (SD 2.1)".into(),
+                )
+            }
         }
         if self.norm_num_groups == 0
-            || self.block_out_channels.iter().any(|c| c % self.norm_num_groups != 0)
+            || self
+                .block_out_channels
+                .iter()
+                .any(|c| c % self.norm_num_groups != 0)
         {
             return bad(
                 "norm_num_groups",
@@ -217,27 +326,48 @@ impl UNetConfig {
             );
         }
         if self.act_fn != "silu" {
-            return bad("act_fn", format!("only \"silu\" is supported, got {:?}", self.act_fn));
+            return bad(
+                "act_fn",
+                format!("only \"silu\" is supported, got {:?}", self.act_fn),
+            );
         }
         if self.time_embedding_type != "positional" {
-            return bad("time_embedding_type", "only \"positional\" is supported".into());
+            return bad(
+                "time_embedding_type",
+                "only \"positional\" is supported".into(),
+            );
         }
         if self.resnet_time_scale_shift != "default" {
-            return bad("resnet_time_scale_shift", "only \"default\" is supported".into());
+            return bad(
+                "resnet_time_scale_shift",
+                "only \"default\" is supported".into(),
+            );
         }
         if self.class_embed_type.is_some() || self.num_class_embeds.is_some() {
-            return bad("class_embed_type", "class embeddings are not supported".into());
+            return bad(
+                "class_embed_type",
+                "class embeddings are not supported".into(),
+            );
         }
         if self.addition_embed_type.is_some() {
-            return bad("addition_embed_type", "added embeddings are not supported".into());
+            return bad(
+                "addition_embed_type",
+                "added embeddings are not supported".into(),
+            );
         }
         if self.encoder_hid_dim.is_some() {
-            return bad("encoder_hid_dim", "an encoder projection is not supported".into());
+            return bad(
+                "encoder_hid_dim",
+                "an encoder projection is not supported".into(),
+            );
         }
         if self.dual_cross_attention {
             return bad("dual_cross_attention", "not supported".into());
         }
-        if !matches!(self.only_cross_attention, serde_json::Value::Null | serde_json::Value::Bool(false)) {
+        if !matches!(
+            self.only_cross_attention,
+            serde_json::Value::Null | serde_json::Value::Bool(false)
+        ) {
             return bad("only_cross_attention", "not supported".into());
         }
         if self.conv_in_kernel % 2 == 0 || self.conv_out_kernel % 2 == 0 {
@@ -300,22 +430,44 @@ impl VaeConfig {
                 format!("block types do not match {n} block_out_channels"),
             );
         }
-        if self.down_block_types.iter().any(|t| t != "DownEncoderBlock2D") {
-            return bad("down_block_types", "only DownEncoderBlock2D is supported".into());
+        if self
+            .down_block_types
+            .iter()
+            .any(|t| t != "DownEncoderBlock2D")
+        {
+            return bad(
+                "down_block_types",
+                "only DownEncoderBlock2D is supported".into(),
+            );
         }
         if self.up_block_types.iter().any(|t| t != "UpDecoderBlock2D") {
-            return bad("up_block_types", "only UpDecoderBlock2D is supported".into());
+            return bad(
+                "up_block_types",
+                "only UpDecoderBlock2D is supported".into(),
+            );
         }
         if self.norm_num_groups == 0
-            || self.block_out_channels.iter().any(|c| c % self.norm_num_groups != 0)
+            || self
+                .block_out_channels
+                .iter()
+                .any(|c| c % self.norm_num_groups != 0)
         {
-            return bad("norm_num_groups", "must divide every block_out_channels entry".into());
+            return bad(
+                "norm_num_groups",
+                "must divide every block_out_channels entry".into(),
+            );
         }
         if self.act_fn != "silu" {
-            return bad("act_fn", format!("only \"silu\" is supported, got {:?}", self.act_fn));
+            return bad(
+                "act_fn",
+                format!("only \"silu\" is supported, got {:?}", self.act_fn),
+            );
         }
         if self.shift_factor.is_some_and(|s| s != 0.0) {
-            return bad("shift_factor", "a latent shift is not supported (SD 2.1 has none)".into());
+            return bad(
+                "shift_factor",
+                "a latent shift is not supported (SD 2.1 has none)".into(),
+            );
         }
         Ok(())
     }
@@ -368,14 +520,52 @@ impl ClipTextConfig {
     pub fn validate(&self, path: &Path) -> Result<()> {
         let bad = |key: &str, message: String| Err(Error::config(path, key, message));
         if !matches!(self.hidden_act.as_str(), "gelu" | "quick_gelu") {
-            return bad("hidden_act", format!("unsupported activation {:?}", self.hidden_act));
+            return bad(
+                "hidden_act",
+                format!("unsupported activation {:?}", self.hidden_act),
+            );
         }
         if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
             return bad(
                 "num_attention_heads",
-                format!("{} heads do not divide hidden_size {}", self.num_attention_heads, self.hidden_size),
+                format!(
+                    "{} heads do not divide hidden_size {}",
+                    self.num_attention_heads, self.hidden_size
+                ),
             );
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn python_non_finite_literals_read_as_null() {
+        let text = r#"{"a": -Infinity, "b": "NaN -Infinity \" Infinity", "c": [NaN, Infinity]}"#;
+        let value: serde_json::Value = serde_json::from_str(&non_finite_to_null(text)).unwrap();
+        assert_eq!(
+            value,
+            serde_json::json!({"a": null, "b": "NaN -Infinity \" Infinity", "c": [null, null]})
+        );
+    }
+
+    #[test]
+    fn errors_name_file_and_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        std::fs::write(&path, r#"{"block_out_channels": [32, "x"]}"#).unwrap();
+        #[derive(Debug, Deserialize)]
+        #[allow(dead_code)]
+        struct Probe {
+            block_out_channels: Vec<usize>,
+        }
+        let err = read_json::<Probe>(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("config.json") && err.contains("block_out_channels[1]"),
+            "{err}"
+        );
     }
 }

@@ -25,7 +25,10 @@ pub fn component_file(dir: &Path, stem: &str, variant: Option<&str>) -> Result<P
         return if path.is_file() {
             Ok(path)
         } else {
-            Err(Error::weights(path, format!("no weights file for variant {variant:?}")))
+            Err(Error::weights(
+                path,
+                format!("no weights file for variant {variant:?}"),
+            ))
         };
     }
     if plain.is_file() {
@@ -35,7 +38,10 @@ pub fn component_file(dir: &Path, stem: &str, variant: Option<&str>) -> Result<P
     if half.is_file() {
         return Ok(half);
     }
-    Err(Error::weights(plain, "no weights file (looked for it and its .fp16 variant)"))
+    Err(Error::weights(
+        plain,
+        "no weights file (looked for it and its .fp16 variant)",
+    ))
 }
 
 /// Names under which an older checkpoint may store a variable: the VAE's attention
@@ -56,9 +62,8 @@ pub fn legacy_attention_names(name: &str) -> Vec<String> {
 
 /// Reads every tensor of a safetensors file, naming the file on failure.
 pub fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor>> {
-    let tensors = Tensor::read_safetensors(path).map_err(|e| {
-        Error::weights(path, format!("not a readable safetensors file ({e})"))
-    })?;
+    let tensors = Tensor::read_safetensors(path)
+        .map_err(|e| Error::weights(path, format!("not a readable safetensors file ({e})")))?;
     Ok(tensors.into_iter().collect())
 }
 
@@ -69,7 +74,10 @@ pub fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor>> {
 pub fn load_into(vs: &mut VarStore, path: &Path, aliases: fn(&str) -> Vec<String>) -> Result<()> {
     let file = read_safetensors(path)?;
     let _guard = tch::no_grad_guard();
-    for (name, mut var) in vs.variables() {
+    // Sorted so that a broken file always reports the same first problem.
+    let mut variables: Vec<_> = vs.variables().into_iter().collect();
+    variables.sort_by(|a, b| a.0.cmp(&b.0));
+    for (name, mut var) in variables {
         let found = std::iter::once(name.clone())
             .chain(aliases(&name))
             .find_map(|n| file.get(&n));
@@ -79,7 +87,11 @@ pub fn load_into(vs: &mut VarStore, path: &Path, aliases: fn(&str) -> Vec<String
         let src = match_shape(src, &var.size()).ok_or_else(|| {
             Error::weights(
                 path,
-                format!("tensor `{name}` has shape {:?}, the config implies {:?}", src.size(), var.size()),
+                format!(
+                    "tensor `{name}` has shape {:?}, the config implies {:?}",
+                    src.size(),
+                    var.size()
+                ),
             )
         })?;
         var.f_copy_(&src.f_to_kind(var.kind())?)?;
@@ -115,7 +127,7 @@ mod tests {
             for part in &parts[..parts.len() - 1] {
                 p = p / *part;
             }
-            p.zeros(parts[parts.len() - 1], shape);
+            let _ = p.zeros(parts[parts.len() - 1], shape);
         }
         vs
     }
@@ -126,15 +138,24 @@ mod tests {
         let path = dir.path().join("w.safetensors");
         let q = Tensor::arange(6, (Kind::Half, Device::Cpu)).view([2, 3]);
         let k = Tensor::ones([2, 3, 1, 1], (Kind::Float, Device::Cpu));
-        Tensor::write_safetensors(&[("attn.query.weight", &q), ("attn.to_k.weight", &k)], &path)
-            .unwrap();
+        Tensor::write_safetensors(
+            &[("attn.query.weight", &q), ("attn.to_k.weight", &k)],
+            &path,
+        )
+        .unwrap();
         let mut vs = store_with(&[("attn.to_q.weight", &[2, 3]), ("attn.to_k.weight", &[2, 3])]);
         load_into(&mut vs, &path, legacy_attention_names).unwrap();
         let vars = vs.variables();
         let got = &vars["attn.to_q.weight"];
         assert_eq!(got.kind(), Kind::Float);
-        assert_eq!(Vec::<f32>::try_from(got.flatten(0, -1)).unwrap(), vec![0., 1., 2., 3., 4., 5.]);
-        assert_eq!(vars["attn.to_k.weight"].sum(Kind::Float).double_value(&[]), 6.0);
+        assert_eq!(
+            Vec::<f32>::try_from(got.flatten(0, -1)).unwrap(),
+            vec![0., 1., 2., 3., 4., 5.]
+        );
+        assert_eq!(
+            vars["attn.to_k.weight"].sum(Kind::Float).double_value(&[]),
+            6.0
+        );
     }
 
     #[test]
@@ -145,15 +166,25 @@ mod tests {
         Tensor::write_safetensors(&[("a.bias", &t)], &path).unwrap();
 
         let mut vs = store_with(&[("a.bias", &[4]), ("a.weight", &[4, 4])]);
-        let err = load_into(&mut vs, &path, |_| vec![]).unwrap_err().to_string();
-        assert!(err.contains("missing tensor `a.weight`") && err.contains("w.safetensors"), "{err}");
+        let err = load_into(&mut vs, &path, |_| vec![])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("missing tensor `a.weight`") && err.contains("w.safetensors"),
+            "{err}"
+        );
 
         // A [1] tensor would broadcast into [4] with a plain copy_: it must be refused.
         let one = Tensor::zeros([1], (Kind::Float, Device::Cpu));
         Tensor::write_safetensors(&[("a.bias", &one)], &path).unwrap();
         let mut vs = store_with(&[("a.bias", &[4])]);
-        let err = load_into(&mut vs, &path, |_| vec![]).unwrap_err().to_string();
-        assert!(err.contains("`a.bias` has shape [1]") && err.contains("[4]"), "{err}");
+        let err = load_into(&mut vs, &path, |_| vec![])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`a.bias` has shape [1]") && err.contains("[4]"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -165,7 +196,9 @@ mod tests {
         let bytes = std::fs::read(&path).unwrap();
         std::fs::write(&path, &bytes[..bytes.len() - 10]).unwrap();
         let mut vs = store_with(&[("a.bias", &[64])]);
-        let err = load_into(&mut vs, &path, |_| vec![]).unwrap_err().to_string();
+        let err = load_into(&mut vs, &path, |_| vec![])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("not a readable safetensors file"), "{err}");
     }
 }

@@ -9,7 +9,10 @@ use tch::{Kind, Tensor};
 
 /// The workspace root (the parent of the `coreg` crate).
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// The Python that has the reference packages: `COREG_PYTHON`, else the set-up's venv.
@@ -60,12 +63,18 @@ pub fn relative_max_error(got: &Tensor, want: &Tensor) -> f64 {
     let want = want.to_kind(Kind::Double);
     let diff = (&got - &want).abs().max().double_value(&[]);
     let scale = want.abs().max().double_value(&[]);
-    assert!(scale > 0.0, "reference tensor is all zeros: the comparison would prove nothing");
+    assert!(
+        scale > 0.0,
+        "reference tensor is all zeros: the comparison would prove nothing"
+    );
     diff / scale
 }
 
 /// Asserts `got` matches `want` within `tol` of the reference's largest magnitude.
 pub fn assert_close(name: &str, got: &Tensor, want: &Tensor, tol: f64) {
     let err = relative_max_error(got, want);
-    assert!(err <= tol, "{name}: max |rust − ref| / max |ref| = {err:.3e} exceeds {tol:.0e}");
+    assert!(
+        err <= tol,
+        "{name}: max |rust − ref| / max |ref| = {err:.3e} exceeds {tol:.0e}"
+    );
 }
