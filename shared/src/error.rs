@@ -31,6 +31,20 @@ pub enum Error {
     InvalidInput(String),
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
+    /// The object store failed: unreachable, refused, or an operation its backend lacks.
+    #[error("object store: `{path}`: {message}")]
+    Store { path: String, message: String },
+    /// A concept, version or stored object that does not exist.
+    #[error("{what} not found")]
+    NotFound { what: String },
+    /// A create-only write found its target already there (a concept version is never
+    /// overwritten).
+    #[error("{what} already exists")]
+    AlreadyExists { what: String },
+    /// Stored data that fails its size, digest or format check, or a blob a manifest
+    /// lists that is missing.
+    #[error("corrupt artifact `{path}`: {message}")]
+    CorruptArtifact { path: String, message: String },
 }
 
 impl Error {

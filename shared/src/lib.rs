@@ -4,8 +4,15 @@
 //!   VAE) read from a diffusers-layout folder.
 //! - [`schedule`]: the training noise schedule and the samplers.
 
+pub mod artifact;
+pub mod dataset;
 pub mod error;
+pub mod generate;
+pub mod images;
+pub mod method;
 pub mod model;
+pub mod optim;
 pub mod schedule;
+pub mod store;
 
 pub use error::{Error, Result};
