@@ -4,6 +4,7 @@
 //! runs its components on tensors from a safetensors file, `coreg model tokenize`
 //! tokenizes prompts, and `coreg info` reports the libtorch it runs on.
 
+mod core_commands;
 mod model_commands;
 
 use std::process::ExitCode;
@@ -26,6 +27,9 @@ enum Command {
     /// Work with a diffusers-layout model folder.
     #[command(subcommand)]
     Model(model_commands::ModelCommand),
+    /// CoRe's method on tensors from a file (context regularization losses).
+    #[command(subcommand)]
+    Core(core_commands::CoreCommand),
     /// Print the libtorch version and the devices it can use.
     Info,
 }
@@ -40,6 +44,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Model(command) => model_commands::run(command),
+        Command::Core(command) => core_commands::run(command),
         Command::Info => {
             println!("coreg {}", env!("CARGO_PKG_VERSION"));
             println!("cuda available: {}", tch::Cuda::is_available());
