@@ -1,0 +1,285 @@
+//! `coreg-trainer run` end to end on the tiny random model: a concept lands in the
+//! store and verifies; a stopped run resumes to the same result; bad input is refused
+//! with the right exit code and nothing written.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use coreg::model::random::{write_random_model, ModelSize};
+use coreg::schedule::PredictionType;
+use coreg::store::Store;
+
+/// A tiny model, three photos and a job file in a temp dir.
+struct Fixture {
+    dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        write_random_model(
+            &dir.path().join("model"),
+            ModelSize::Tiny,
+            PredictionType::Epsilon,
+            0,
+        )
+        .unwrap();
+        let photos = dir.path().join("photos");
+        std::fs::create_dir(&photos).unwrap();
+        for i in 0..3u32 {
+            let image = image::RgbImage::from_fn(80 + 8 * i, 72, |x, y| {
+                image::Rgb([(x * 3 + i * 40) as u8, (y * 3) as u8, ((x + y) % 256) as u8])
+            });
+            image.save(photos.join(format!("{i}.png"))).unwrap();
+        }
+        Fixture { dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn store_url(&self) -> String {
+        format!("file://{}", self.path("store").display())
+    }
+
+    /// Writes a job file with a short schedule; `extra` is appended TOML.
+    fn job(&self, name: &str, store: &str, extra: &str) -> PathBuf {
+        let text = format!(
+            r#"
+[concept]
+name = "toy"
+category = "dog"
+version = "{name}"
+
+[images]
+folder = "photos"
+
+[model]
+path = "model"
+device = "cpu"
+
+[store]
+url = "{store}"
+
+[training]
+resolution = 64
+seed = 3
+
+[stage1]
+steps = 12
+batch_size = 2
+rescale_record_at = 4
+rescale_until = 8
+
+[stage2]
+steps = 4
+batch_size = 2
+learning_rate = 1e-4
+
+[checkpoints]
+every = 3
+{extra}
+"#
+        );
+        let path = self.path(&format!("{name}.toml"));
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+}
+
+fn trainer(job: &Path, job_id: &str) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_coreg-trainer"));
+    command.args(["run", "--job", job.to_str().unwrap(), "--job-id", job_id]);
+    command
+}
+
+fn run(job: &Path, job_id: &str) -> Output {
+    trainer(job, job_id).output().unwrap()
+}
+
+fn assert_exit(out: &Output, code: i32, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "stderr:\n{stderr}");
+    assert!(stderr.contains(needle), "expected {needle:?} in:\n{stderr}");
+}
+
+fn read_concept(store: &str, version: &str) -> coreg::artifact::LoadedConcept {
+    let store = Store::open(store, Vec::<(String, String)>::new()).unwrap();
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(coreg::artifact::read_concept(&store, "toy", version))
+        .unwrap()
+}
+
+fn list(store: &str, prefix: &str) -> Vec<String> {
+    let store = Store::open(store, Vec::<(String, String)>::new()).unwrap();
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(store.list(prefix))
+        .unwrap()
+        .into_iter()
+        .map(|o| o.path)
+        .collect()
+}
+
+#[test]
+fn run_writes_a_verified_concept_and_resumes_exactly() {
+    let fx = Fixture::new();
+    let store = fx.store_url();
+
+    let whole = fx.job("whole", &store, "");
+    let out = run(&whole, "whole");
+    assert_exit(&out, 0, "stage 2 step 4/4");
+    let reference = read_concept(&store, "whole");
+    assert_eq!(reference.manifest.token, "<toy>");
+    assert_eq!(reference.manifest.super_category, "dog");
+    assert_eq!(reference.manifest.losses.stage1["total"].len(), 12);
+    assert_eq!(reference.manifest.losses.stage2["diffusion"].len(), 4);
+    assert!(
+        list(&store, "jobs/whole/checkpoints/").is_empty(),
+        "checkpoints outlive the concept"
+    );
+    // Running a finished job again changes nothing.
+    let again = run(&whole, "whole");
+    assert_exit(&again, 0, "");
+    assert!(String::from_utf8_lossy(&again.stdout).contains("already done"));
+
+    // The same job stopped with SIGTERM after a checkpoint, then run again, ends
+    // bit-identical to the uninterrupted run.
+    let resumed = fx.job("resumed", &store, "");
+    let child = trainer(&resumed, "resumed")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    while !list(&store, "jobs/resumed/")
+        .iter()
+        .any(|p| p.ends_with("checkpoint.json"))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no checkpoint appeared"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let stopped = child.wait_with_output().unwrap();
+    assert_exit(&stopped, 75, "run the job again to resume");
+    let out = run(&resumed, "resumed");
+    assert_exit(&out, 0, "resuming from checkpoint");
+    let resumed = read_concept(&store, "resumed");
+    assert_eq!(
+        resumed.manifest.blobs, reference.manifest.blobs,
+        "a resumed run must write the same embedding, U-Net delta and latents"
+    );
+    assert_eq!(resumed.manifest.losses, reference.manifest.losses);
+}
+
+#[test]
+fn bad_input_is_refused_and_nothing_is_written() {
+    let fx = Fixture::new();
+    let store = fx.store_url();
+    let concepts = |fx: &Fixture| list(&fx.store_url(), "concepts/");
+
+    // A multi-token category.
+    let job = fx.job("category", &store, "");
+    let text = std::fs::read_to_string(&job)
+        .unwrap()
+        .replace("category = \"dog\"", "category = \"golden retriever\"");
+    std::fs::write(&job, text).unwrap();
+    assert_exit(&run(&job, "category"), 65, "golden retriever");
+
+    // No images.
+    std::fs::create_dir(fx.path("empty")).unwrap();
+    let job = fx.job("empty", &store, "");
+    let text = std::fs::read_to_string(&job)
+        .unwrap()
+        .replace("folder = \"photos\"", "folder = \"empty\"");
+    std::fs::write(&job, text).unwrap();
+    assert_exit(&run(&job, "empty"), 65, "no training images");
+
+    // Something that is not an image.
+    std::fs::write(fx.path("photos/notes.png"), b"these are not pixels").unwrap();
+    assert_exit(
+        &run(&fx.job("garbage", &store, ""), "garbage"),
+        65,
+        "image 4 of 4",
+    );
+    std::fs::remove_file(fx.path("photos/notes.png")).unwrap();
+
+    // An image whose header claims gigantic dimensions.
+    let mut png = Vec::new();
+    image::RgbImage::new(8, 8)
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .unwrap();
+    png[16..20].copy_from_slice(&100_000u32.to_be_bytes());
+    png[20..24].copy_from_slice(&100_000u32.to_be_bytes());
+    let crc = crc32(&png[12..29]);
+    png[29..33].copy_from_slice(&crc.to_be_bytes());
+    std::fs::write(fx.path("photos/bomb.png"), &png).unwrap();
+    assert_exit(&run(&fx.job("bomb", &store, ""), "bomb"), 65, "100000");
+    std::fs::remove_file(fx.path("photos/bomb.png")).unwrap();
+
+    // Invalid hyper-parameters and unknown keys: the job file itself is wrong.
+    let job = fx.job("lr", &store, "");
+    let text = std::fs::read_to_string(&job)
+        .unwrap()
+        .replace("learning_rate = 1e-4", "learning_rate = -3.0");
+    std::fs::write(&job, text).unwrap();
+    assert_exit(&run(&job, "lr"), 64, "stage2.learning_rate");
+    assert_exit(
+        &run(&fx.job("typo", &store, "[previews]\nevry = 3\n"), "typo"),
+        64,
+        "evry",
+    );
+
+    // An unusable store: its directory would have to live under a file.
+    std::fs::write(fx.path("blocker"), b"").unwrap();
+    let blocked = format!("file://{}/store", fx.path("blocker").display());
+    assert_exit(
+        &run(&fx.job("blocked", &blocked, ""), "blocked"),
+        64,
+        "Not a directory",
+    );
+
+    assert!(concepts(&fx).is_empty(), "a refused job wrote a concept");
+}
+
+#[test]
+fn a_nan_loss_fails_the_job_without_writing_a_concept() {
+    let fx = Fixture::new();
+    // Poison one U-Net weight: the first step's loss is NaN.
+    let path = fx.path("model/unet/diffusion_pytorch_model.safetensors");
+    let mut tensors = tch::Tensor::read_safetensors(&path).unwrap();
+    for (name, tensor) in &mut tensors {
+        if name == "conv_out.bias" {
+            *tensor = tensor.full_like(f64::NAN);
+        }
+    }
+    tch::Tensor::write_safetensors(&tensors, &path).unwrap();
+    let store = fx.store_url();
+    assert_exit(&run(&fx.job("nan", &store, ""), "nan"), 70, "NaN");
+    assert!(list(&store, "concepts/").is_empty());
+}
+
+/// PNG's chunk checksum (CRC-32, polynomial 0xEDB88320), so the forged header is
+/// otherwise valid and the size limit, not a checksum error, must refuse it.
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &byte in bytes {
+        crc ^= u32::from(byte);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
