@@ -21,6 +21,7 @@ use coreg::model::{LoadOptions, ModelFolder};
 use coreg::schedule::PredictionType;
 use coreg::store::{CreateOutcome, Store};
 use coreg::Error;
+use support::moto::MotoServer;
 use support::{read, run_reference};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
@@ -693,76 +694,6 @@ fn unknown_store_option_keys_are_rejected_by_name() {
     let url = format!("file://{}", tmp.path().join("s").display());
     let err = Store::open(&url, [("root", "/")]).unwrap_err();
     assert!(err.to_string().contains("`root`"), "{err}");
-}
-
-/// A `moto_server` (the S3 API, from the reference venv) on a free local port, stopped
-/// when dropped.
-struct MotoServer {
-    child: std::process::Child,
-    endpoint: String,
-}
-
-impl MotoServer {
-    fn start() -> MotoServer {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let program = support::python().parent().unwrap().join("moto_server");
-        let child = std::process::Command::new(&program)
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {}: {e}", program.display()));
-        let server = MotoServer {
-            child,
-            endpoint: format!("http://127.0.0.1:{port}"),
-        };
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "moto_server did not start"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(200));
-        }
-        server
-    }
-
-    fn create_bucket(&self, bucket: &str) {
-        let script = format!(
-            "import boto3; boto3.client('s3', endpoint_url='{}', aws_access_key_id='test', \
-             aws_secret_access_key='test', region_name='us-east-1').create_bucket(Bucket='{bucket}')",
-            self.endpoint
-        );
-        let status = std::process::Command::new(support::python())
-            .args(["-c", &script])
-            .status()
-            .unwrap();
-        assert!(status.success(), "creating bucket {bucket}");
-    }
-
-    fn options(&self) -> Vec<(String, String)> {
-        [
-            ("aws_endpoint", self.endpoint.as_str()),
-            ("aws_access_key_id", "test"),
-            ("aws_secret_access_key", "test"),
-            ("aws_region", "us-east-1"),
-            ("aws_allow_http", "true"),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect()
-    }
-}
-
-impl Drop for MotoServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// The same protocol on a real S3 API: conditional writes are honoured there, so

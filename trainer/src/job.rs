@@ -262,6 +262,20 @@ impl JobSpec {
         check_count("stage2.delta_rank", self.stage2.delta_rank, 4096)?;
         check_count("previews.every", self.previews.every, 100_000)?;
         check_count("previews.steps", self.previews.steps, 200)?;
+        if self.previews.prompts.len() > crate::previews::MAX_PROMPTS {
+            return Err(invalid(
+                "previews.prompts",
+                format!(
+                    "{} prompts; a preview renders at most {}",
+                    self.previews.prompts.len(),
+                    crate::previews::MAX_PROMPTS
+                ),
+            ));
+        }
+        for template in &self.previews.prompts {
+            coreg::method::prompts::check_template(template)
+                .map_err(|e| invalid("previews.prompts", e.to_string()))?;
+        }
         Ok(())
     }
 }

@@ -5,6 +5,7 @@
 mod exit;
 mod job;
 mod pipeline;
+mod previews;
 mod progress;
 
 use std::path::PathBuf;

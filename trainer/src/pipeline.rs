@@ -15,6 +15,7 @@ use coreg::artifact::{
     LossHistory, UNetDelta,
 };
 use coreg::dataset::{BatchShape, TrainingImages};
+use coreg::generate::Pipeline;
 use coreg::images::ImageLimits;
 use coreg::method::losses::LossVariant;
 use coreg::method::prompts::{PromptSet, PromptSetKind};
@@ -36,6 +37,7 @@ use tokio::runtime::Runtime;
 
 use crate::exit::JobFailure;
 use crate::job::JobSpec;
+use crate::previews::{preview_name, PreviewPlan};
 use crate::progress::Progress;
 
 /// Most photos a job may train on, and the fewest (the paper uses 3–10).
@@ -114,6 +116,13 @@ enum Checkpoint {
         scalars: Stage2Scalars,
         losses: LossHistory,
     },
+}
+
+/// What a stage needs to render its validation previews.
+struct Previewer<'a> {
+    plan: &'a PreviewPlan,
+    placeholder: &'a str,
+    placeholder_id: i64,
 }
 
 fn bad_input(e: coreg::Error) -> JobFailure {
@@ -396,6 +405,15 @@ impl Job {
         tokenizer
             .add_placeholder(&placeholder)
             .map_err(|e| JobFailure::InvalidJob(format!("concept.token: {e}")))?;
+        let placeholder_id = tokenizer
+            .token_id(&placeholder)
+            .expect("the placeholder was just added");
+        let preview_plan = self.preview_plan(&stage1_config, &tokenizer, &placeholder)?;
+        let previewer = preview_plan.as_ref().map(|plan| Previewer {
+            plan,
+            placeholder: &placeholder,
+            placeholder_id,
+        });
         let text_encoder = folder.load_text_encoder(&opts).map_err(load_err)?;
         let mut unet = folder.load_unet(&opts).map_err(load_err)?;
         let vae = folder.load_vae(&opts).map_err(load_err)?;
@@ -469,12 +487,21 @@ impl Job {
                             LossHistory::default(),
                         ),
                     };
+                    let pipeline = Pipeline {
+                        tokenizer: &tokenizer,
+                        text_encoder: &text_encoder,
+                        unet: &unet,
+                        vae: &vae,
+                        scheduler: &folder.scheduler,
+                    };
+                    let previews = previewer.as_ref().map(|p| (p, pipeline));
                     let losses = self.run_stage1(
                         &stage1,
                         &mut state,
                         &photos,
                         losses,
                         schedule.num_train_timesteps(),
+                        previews,
                     )?;
                     (state.embedding.detach().copy(), losses)
                 }
@@ -512,6 +539,14 @@ impl Job {
                 }
                 _ => stage2.init_state().map_err(failed)?,
             };
+            let pipeline = Pipeline {
+                tokenizer: &tokenizer,
+                text_encoder: &text_encoder,
+                unet: stage2.unet(),
+                vae: &vae,
+                scheduler: &folder.scheduler,
+            };
+            let previews = previewer.as_ref().map(|p| (p, pipeline));
             losses = self.run_stage2(
                 &stage2,
                 &mut state,
@@ -519,6 +554,7 @@ impl Job {
                 losses,
                 &embedding_blob,
                 schedule.num_train_timesteps(),
+                previews,
             )?;
         }
         unet.vars.freeze();
@@ -645,6 +681,80 @@ impl Job {
         value
     }
 
+    /// The job's preview plan (none unless `previews.every` is set), checked against
+    /// the tokenizer and recorded at `jobs/<id>/previews/plan.json`.
+    fn preview_plan(
+        &self,
+        stage1: &Stage1Config,
+        tokenizer: &ClipTokenizer,
+        placeholder: &str,
+    ) -> Result<Option<PreviewPlan>, JobFailure> {
+        let spec = &self.spec.previews;
+        let Some(every) = spec.every else {
+            return Ok(None);
+        };
+        let plan = PreviewPlan::new(
+            every,
+            &spec.prompts,
+            &stage1.prompt_set,
+            spec.steps,
+            self.spec.training.seed,
+            self.spec.training.resolution,
+        );
+        for template in &plan.templates {
+            let prompt = coreg::method::prompts::fill_template(template, placeholder);
+            let tokens = tokenizer.encode(&prompt).map_err(bad_input)?;
+            if tokens.truncated {
+                return Err(JobFailure::InvalidJob(format!(
+                    "previews.prompts: {prompt:?} is {} CLIP tokens long; the limit is {}",
+                    tokens.untruncated_len,
+                    tokens.ids.len()
+                )));
+            }
+        }
+        let record = serde_json::to_vec_pretty(&plan).expect("JSON");
+        self.runtime
+            .block_on(
+                self.store
+                    .put_overwrite(&self.key("previews/plan.json"), Bytes::from(record)),
+            )
+            .map_err(transient)?;
+        Ok(Some(plan))
+    }
+
+    /// Renders and stores the previews of `step` if one is due. Previews are a pure
+    /// function of the step's weights, so a resumed run rewrites identical images.
+    fn write_previews(
+        &self,
+        previewer: &Previewer<'_>,
+        pipeline: &Pipeline<'_>,
+        stage: u8,
+        step: usize,
+        total: usize,
+        embedding: &Tensor,
+    ) -> Result<(), JobFailure> {
+        if !previewer.plan.due(step, total) {
+            return Ok(());
+        }
+        let images = previewer
+            .plan
+            .render(
+                pipeline,
+                previewer.placeholder,
+                previewer.placeholder_id,
+                embedding,
+            )
+            .map_err(failed)?;
+        for (index, png) in images.into_iter().enumerate() {
+            let key = self.key(&preview_name(stage, step, index));
+            self.runtime
+                .block_on(self.store.put_overwrite(&key, Bytes::from(png)))
+                .map_err(transient)?;
+        }
+        tracing::info!(stage, step, "previews written");
+        Ok(())
+    }
+
     fn stop_requested(&self) -> bool {
         self.stop.load(Ordering::SeqCst)
     }
@@ -661,6 +771,7 @@ impl Job {
         photos: &TrainingImages,
         mut losses: LossHistory,
         num_train_timesteps: usize,
+        previews: Option<(&Previewer<'_>, Pipeline<'_>)>,
     ) -> Result<LossHistory, JobFailure> {
         let config = stage1.config();
         let device = state.embedding.device();
@@ -692,6 +803,16 @@ impl Job {
                 state.step,
                 &[("loss", step.total), ("diffusion", step.diffusion)],
             );
+            if let Some((previewer, pipeline)) = &previews {
+                self.write_previews(
+                    previewer,
+                    pipeline,
+                    1,
+                    state.step,
+                    config.steps,
+                    &state.embedding,
+                )?;
+            }
             if self.checkpoint_due(state.step, config.steps) {
                 let (tensors, scalars) = state.checkpoint();
                 let tensors = self.put_tensors(&format!("stage1-{:06}", state.step), &tensors)?;
@@ -719,6 +840,7 @@ impl Job {
         mut losses: LossHistory,
         embedding_blob: &str,
         num_train_timesteps: usize,
+        previews: Option<(&Previewer<'_>, Pipeline<'_>)>,
     ) -> Result<LossHistory, JobFailure> {
         let config = stage2.config();
         let device = self.device()?;
@@ -735,6 +857,10 @@ impl Job {
                 .or_default()
                 .push(step.diffusion as f32);
             progress.step(state.step, &[("diffusion", step.diffusion)]);
+            if let Some((previewer, pipeline)) = &previews {
+                let embedding = stage2.concept_embedding();
+                self.write_previews(previewer, pipeline, 2, state.step, config.steps, embedding)?;
+            }
             if self.checkpoint_due(state.step, config.steps) {
                 let (tensors, scalars) = stage2.checkpoint(state);
                 let tensors = self.put_tensors(&format!("stage2-{:06}", state.step), &tensors)?;

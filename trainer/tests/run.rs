@@ -2,126 +2,11 @@
 //! store and verifies; a stopped run resumes to the same result; bad input is refused
 //! with the right exit code and nothing written.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-use coreg::model::random::{write_random_model, ModelSize};
-use coreg::schedule::PredictionType;
-use coreg::store::Store;
+use std::process::Command;
 
-/// A tiny model, three photos and a job file in a temp dir.
-struct Fixture {
-    dir: tempfile::TempDir,
-}
-
-impl Fixture {
-    fn new() -> Fixture {
-        let dir = tempfile::tempdir().unwrap();
-        write_random_model(
-            &dir.path().join("model"),
-            ModelSize::Tiny,
-            PredictionType::Epsilon,
-            0,
-        )
-        .unwrap();
-        let photos = dir.path().join("photos");
-        std::fs::create_dir(&photos).unwrap();
-        for i in 0..3u32 {
-            let image = image::RgbImage::from_fn(80 + 8 * i, 72, |x, y| {
-                image::Rgb([(x * 3 + i * 40) as u8, (y * 3) as u8, ((x + y) % 256) as u8])
-            });
-            image.save(photos.join(format!("{i}.png"))).unwrap();
-        }
-        Fixture { dir }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn store_url(&self) -> String {
-        format!("file://{}", self.path("store").display())
-    }
-
-    /// Writes a job file with a short schedule; `extra` is appended TOML.
-    fn job(&self, name: &str, store: &str, extra: &str) -> PathBuf {
-        let text = format!(
-            r#"
-[concept]
-name = "toy"
-category = "dog"
-version = "{name}"
-
-[images]
-folder = "photos"
-
-[model]
-path = "model"
-device = "cpu"
-
-[store]
-url = "{store}"
-
-[training]
-resolution = 64
-seed = 3
-
-[stage1]
-steps = 12
-batch_size = 2
-rescale_record_at = 4
-rescale_until = 8
-
-[stage2]
-steps = 4
-batch_size = 2
-learning_rate = 1e-4
-
-[checkpoints]
-every = 3
-{extra}
-"#
-        );
-        let path = self.path(&format!("{name}.toml"));
-        std::fs::write(&path, text).unwrap();
-        path
-    }
-}
-
-fn trainer(job: &Path, job_id: &str) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_coreg-trainer"));
-    command.args(["run", "--job", job.to_str().unwrap(), "--job-id", job_id]);
-    command
-}
-
-fn run(job: &Path, job_id: &str) -> Output {
-    trainer(job, job_id).output().unwrap()
-}
-
-fn assert_exit(out: &Output, code: i32, needle: &str) {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(code), "stderr:\n{stderr}");
-    assert!(stderr.contains(needle), "expected {needle:?} in:\n{stderr}");
-}
-
-fn read_concept(store: &str, version: &str) -> coreg::artifact::LoadedConcept {
-    let store = Store::open(store, Vec::<(String, String)>::new()).unwrap();
-    tokio::runtime::Runtime::new()
-        .unwrap()
-        .block_on(coreg::artifact::read_concept(&store, "toy", version))
-        .unwrap()
-}
-
-fn list(store: &str, prefix: &str) -> Vec<String> {
-    let store = Store::open(store, Vec::<(String, String)>::new()).unwrap();
-    tokio::runtime::Runtime::new()
-        .unwrap()
-        .block_on(store.list(prefix))
-        .unwrap()
-        .into_iter()
-        .map(|o| o.path)
-        .collect()
-}
+use common::{assert_exit, list, read_concept, run, trainer, Fixture};
 
 #[test]
 fn run_writes_a_verified_concept_and_resumes_exactly() {
@@ -236,6 +121,27 @@ fn bad_input_is_refused_and_nothing_is_written() {
         &run(&fx.job("typo", &store, "[previews]\nevry = 3\n"), "typo"),
         64,
         "evry",
+    );
+    assert_exit(
+        &run(
+            &fx.job(
+                "slotless",
+                &store,
+                "[previews]\nevery = 3\nprompts = [\"a dog\"]\n",
+            ),
+            "slotless",
+        ),
+        64,
+        "previews.prompts",
+    );
+    let long = format!(
+        "[previews]\nevery = 3\nprompts = [\"{} {{}}\"]\n",
+        "very ".repeat(80)
+    );
+    assert_exit(
+        &run(&fx.job("long", &store, &long), "long"),
+        64,
+        "CLIP tokens long",
     );
 
     // An unusable store: its directory would have to live under a file.

@@ -235,6 +235,8 @@ pub struct Stage2<'a> {
     /// The text encoder's output for "a photo of a S*", [1, 77, D]: both are frozen,
     /// so it is computed once.
     hidden: Tensor,
+    /// S* itself [D], for whoever renders with the U-Net being trained.
+    embedding: Tensor,
     /// Every U-Net variable by name, sorted.
     params: Vec<(String, Tensor)>,
     working: Option<WorkingCopy>,
@@ -333,6 +335,7 @@ impl<'a> Stage2<'a> {
             schedule: models.schedule,
             prediction_type: models.prediction_type,
             hidden,
+            embedding: embedding.detach().copy(),
             params,
             working,
         })
@@ -340,6 +343,17 @@ impl<'a> Stage2<'a> {
 
     pub fn config(&self) -> &Stage2Config {
         &self.config
+    }
+
+    /// The U-Net being trained, holding the current fp32 weights (with mixed precision
+    /// too: the low-precision working copy is refreshed from them every step).
+    pub fn unet(&self) -> &Component<UNet2DConditionModel> {
+        self.unet
+    }
+
+    /// The concept's embedding S* [D] this stage trains with.
+    pub fn concept_embedding(&self) -> &Tensor {
+        &self.embedding
     }
 
     /// The state before the first step.

@@ -2,6 +2,8 @@
 //! (`tests/reference/`, on diffusers and transformers) and comparing tensors.
 #![allow(dead_code)]
 
+pub mod moto;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 

@@ -191,6 +191,11 @@ impl UNet2DConditionModel {
         self.gradient_checkpointing = enabled;
     }
 
+    /// The latent channels the U-Net denoises (4 for SD 2.1).
+    pub fn in_channels(&self) -> i64 {
+        self.in_channels
+    }
+
     /// The model prediction for `sample` [B, in_channels, H, W] (any H, W) at
     /// `timesteps` (a scalar, [1] or [B]; integer or fractional) conditioned on
     /// `encoder_hidden_states` [B, tokens, cross_attention_dim].
