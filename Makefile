@@ -12,7 +12,7 @@ export PATH := $(VENV)/bin:$(PATH)
 export VIRTUAL_ENV := $(VENV)
 export COREG_PYTHON := $(VENV)/bin/python
 
-.PHONY: setup build test lint demo clean-setup
+.PHONY: setup build test lint demo bench clean-setup
 
 setup: $(STAMP)/venv
 
@@ -34,6 +34,11 @@ test: build lint
 demo: build
 	cargo run --quiet -p coreg --bin coreg -- model init --size tiny --seed 0 --out target/demo/model
 	@echo "demo model written to target/demo/model"
+
+# Seconds per stage-1/stage-2 step and peak memory, Rust beside the Python reference
+# (a benchmark, not a test: see bench/README.md).
+bench: build
+	bench/steps.sh
 
 clean-setup:
 	rm -rf $(VENV) $(STAMP)

@@ -205,6 +205,53 @@ def check_finite(name, value):
         raise SystemExit(f"{name} is not finite: {value}")
 
 
+def recorded_step(replay, stage, i):
+    """Step i's inputs of `stage` ("stage1" or "stage2") from a replay mapping, by the
+    names after the `{stage}.{i}.` prefix."""
+    prefix = f"{stage}.{i}."
+    return {k[len(prefix) :]: v for k, v in replay.items() if k.startswith(prefix)}
+
+
+def stage1_step(models, args, vector, optimizer, step, template, number):
+    """One stage-1 update of `vector` (S*) on a recorded step's inputs with one
+    regularization template; returns [diffusion, L_emb, L_attn, total]."""
+    latents = models.latents(step["pixels"], step["posterior_noise"])
+    hidden = models.hidden(models.ids(TRAINING_PROMPT.format(args.placeholder)), vector)
+    diffusion, noisy = models.diffusion_loss(latents, step["noise"], step["timesteps"], hidden)
+    l_emb, l_attn = models.context_losses(
+        template, vector, noisy, step["timesteps"], args.variant, not args.no_emb_loss, not args.no_attn_loss
+    )
+    total = diffusion + args.lambda_emb * l_emb + args.lambda_attn * l_attn
+    check_finite(f"stage-1 loss at step {number}", total)
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    optimizer.step()
+    return [diffusion.item(), l_emb.item(), l_attn.item(), total.item()]
+
+
+def stage2_start(models, args, vector):
+    """Unfreezes the U-Net; returns its AdamW and the frozen conditioning [1,77,D] of
+    the training prompt with S* = `vector`."""
+    models.unet.requires_grad_(True)
+    models.unet.train()
+    optimizer = adamw(list(models.unet.parameters()), args, args.stage2_lr)
+    with torch.no_grad():
+        hidden = models.hidden(models.ids(TRAINING_PROMPT.format(args.placeholder)), vector)
+    return optimizer, hidden
+
+
+def stage2_step(models, optimizer, step, hidden, number):
+    """One stage-2 update of every U-Net parameter on a recorded step's inputs;
+    returns the diffusion loss."""
+    latents = models.latents(step["pixels"], step["posterior_noise"])
+    loss, _ = models.diffusion_loss(latents, step["noise"], step["timesteps"], hidden)
+    check_finite(f"stage-2 loss at step {number}", loss)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
 def run(args):
     models = Models(args.model, args.placeholder, args.category)
     if args.tto_inputs:
@@ -220,20 +267,10 @@ def run(args):
     recorded_norm = None
     stage1_losses, stage1_norms = [], []
     for i in range(count("stage1")):
-        step = {k.split(".", 2)[2]: v for k, v in replay.items() if k.startswith(f"stage1.{i}.")}
-        latents = models.latents(step["pixels"], step["posterior_noise"])
-        hidden = models.hidden(models.ids(TRAINING_PROMPT.format(args.placeholder)), vector)
-        diffusion, noisy = models.diffusion_loss(latents, step["noise"], step["timesteps"], hidden)
+        step = recorded_step(replay, "stage1", i)
         template = templates[int(step["template_index"].item())]
-        l_emb, l_attn = models.context_losses(
-            template, vector, noisy, step["timesteps"], args.variant, not args.no_emb_loss, not args.no_attn_loss
-        )
-        total = diffusion + args.lambda_emb * l_emb + args.lambda_attn * l_attn
-        check_finite(f"stage-1 loss at step {i + 1}", total)
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        optimizer.step()
         global_step = i + 1
+        stage1_losses.append(stage1_step(models, args, vector, optimizer, step, template, global_step))
         with torch.no_grad():
             if args.rescale_record_at is not None:
                 if global_step == args.rescale_record_at:
@@ -241,25 +278,14 @@ def run(args):
                 elif args.rescale_record_at < global_step <= args.rescale_until:
                     vector.mul_(recorded_norm / vector.norm())
             stage1_norms.append(vector.norm().item())
-        stage1_losses.append([diffusion.item(), l_emb.item(), l_attn.item(), total.item()])
 
     vector = vector.detach()
     base = {name: p.detach().clone() for name, p in models.unet.named_parameters()}
-    models.unet.requires_grad_(True)
-    models.unet.train()
-    optimizer = adamw(list(models.unet.parameters()), args, args.stage2_lr)
-    with torch.no_grad():
-        hidden = models.hidden(models.ids(TRAINING_PROMPT.format(args.placeholder)), vector)
-    stage2_losses = []
-    for i in range(count("stage2")):
-        step = {k.split(".", 2)[2]: v for k, v in replay.items() if k.startswith(f"stage2.{i}.")}
-        latents = models.latents(step["pixels"], step["posterior_noise"])
-        loss, _ = models.diffusion_loss(latents, step["noise"], step["timesteps"], hidden)
-        check_finite(f"stage-2 loss at step {i + 1}", loss)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        stage2_losses.append(loss.item())
+    optimizer, hidden = stage2_start(models, args, vector)
+    stage2_losses = [
+        stage2_step(models, optimizer, recorded_step(replay, "stage2", i), hidden, i + 1)
+        for i in range(count("stage2"))
+    ]
 
     out = {
         "embedding": vector,
@@ -296,21 +322,31 @@ def tto(args, models):
     )
 
 
+def hyperparameter_flags(p):
+    """The model, concept and loss/optimizer flags `run`, `tto` and the benchmark share."""
+    p.add_argument("--model", required=True)
+    p.add_argument("--placeholder", required=True)
+    p.add_argument("--category", required=True)
+    p.add_argument("--variant", choices=["reference", "paper"], default="reference")
+    p.add_argument("--lambda-emb", type=float, default=1.5e-4)
+    p.add_argument("--lambda-attn", type=float, default=0.05)
+    p.add_argument("--beta1", type=float, default=0.9)
+    p.add_argument("--beta2", type=float, default=0.999)
+    p.add_argument("--eps", type=float, default=1e-8)
+    p.add_argument("--weight-decay", type=float, default=1e-2)
+
+
+def training_flags(p):
+    """The flags of the two training stages."""
+    p.add_argument("--stage1-lr", type=float, default=5e-3)
+    p.add_argument("--stage2-lr", type=float, default=2e-6)
+    p.add_argument("--no-emb-loss", action="store_true")
+    p.add_argument("--no-attn-loss", action="store_true")
+
+
 def main():
     parser = argparse.ArgumentParser(prog="replay_reference")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    def common(p):
-        p.add_argument("--model", required=True)
-        p.add_argument("--placeholder", required=True)
-        p.add_argument("--category", required=True)
-        p.add_argument("--variant", choices=["reference", "paper"], default="reference")
-        p.add_argument("--lambda-emb", type=float, default=1.5e-4)
-        p.add_argument("--lambda-attn", type=float, default=0.05)
-        p.add_argument("--beta1", type=float, default=0.9)
-        p.add_argument("--beta2", type=float, default=0.999)
-        p.add_argument("--eps", type=float, default=1e-8)
-        p.add_argument("--weight-decay", type=float, default=1e-2)
 
     def tto_flags(p, required):
         p.add_argument("--tto-inputs", required=required)
@@ -320,20 +356,17 @@ def main():
         p.add_argument("--tto-lambda-attn", type=float, default=0.05)
 
     r = sub.add_parser("run")
-    common(r)
+    hyperparameter_flags(r)
+    training_flags(r)
     tto_flags(r, False)
     r.add_argument("--out", required=True)
     r.add_argument("--replay", required=True)
     r.add_argument("--prompts", required=True)
-    r.add_argument("--stage1-lr", type=float, default=5e-3)
-    r.add_argument("--stage2-lr", type=float, default=2e-6)
     r.add_argument("--rescale-record-at", type=int, default=None)
     r.add_argument("--rescale-until", type=int, default=None)
-    r.add_argument("--no-emb-loss", action="store_true")
-    r.add_argument("--no-attn-loss", action="store_true")
 
     t = sub.add_parser("tto")
-    common(t)
+    hyperparameter_flags(t)
     tto_flags(t, True)
 
     args = parser.parse_args()
