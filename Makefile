@@ -11,15 +11,22 @@ export LIBTORCH_USE_PYTORCH := 1
 export PATH := $(VENV)/bin:$(PATH)
 export VIRTUAL_ENV := $(VENV)
 export COREG_PYTHON := $(VENV)/bin/python
+# Python stubs generated from proto/ with grpcio-tools, for the Python client tests.
+PY_STUBS := $(CURDIR)/target/python-stubs
+export COREG_PYTHON_STUBS := $(PY_STUBS)
 
 .PHONY: setup build test lint demo bench clean-setup
 
-setup: $(STAMP)/venv
+setup: $(STAMP)/venv $(PY_STUBS)/.stamp
 
 $(STAMP)/venv: tests/reference/requirements.txt
 	@test -x $(VENV)/bin/python || python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/reference/requirements.txt
 	@mkdir -p $(STAMP) && touch $@
+
+$(PY_STUBS)/.stamp: $(STAMP)/venv $(wildcard proto/coreg/v1/*.proto) tests/clients/python/generate_stubs.sh
+	tests/clients/python/generate_stubs.sh $(PY_STUBS)
+	@touch $@
 
 build: setup
 	cargo build --workspace --all-targets

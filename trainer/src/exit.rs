@@ -20,6 +20,13 @@ pub enum JobFailure {
     /// the same job again resumes from the last checkpoint.
     #[error("interrupted: {0}")]
     Transient(String),
+    /// The job was cancelled (the service only).
+    #[error("cancelled")]
+    Cancelled,
+    /// Another replica took the job over (the service only): this one must stop
+    /// without writing anything of it.
+    #[error("the job's lease was lost to another replica")]
+    LeaseLost,
 }
 
 impl JobFailure {
@@ -28,7 +35,7 @@ impl JobFailure {
             JobFailure::InvalidJob(_) => 64,
             JobFailure::BadInput(_) => 65,
             JobFailure::Failed(_) => 70,
-            JobFailure::Transient(_) => 75,
+            JobFailure::Transient(_) | JobFailure::Cancelled | JobFailure::LeaseLost => 75,
         }
     }
 }

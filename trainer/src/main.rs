@@ -2,11 +2,14 @@
 //! systems and Kubernetes Jobs), with exit codes that separate input a retry cannot
 //! fix from transient failures.
 
+mod base_model;
 mod exit;
 mod job;
+mod job_store;
 mod pipeline;
 mod previews;
 mod progress;
+mod service;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -41,16 +44,51 @@ enum Command {
         #[arg(long)]
         job_id: Option<String>,
     },
+    /// Serve the gRPC training API (`coreg.v1.TrainerService`) until SIGTERM.
+    ///
+    /// Configuration: built-in defaults < `--config FILE` (TOML) < `COREG_…`
+    /// environment variables (nested keys joined by `__`, e.g. `COREG_STORE__URL`).
+    Serve {
+        #[arg(long, env = "COREG_CONFIG")]
+        config: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     match Cli::parse().command {
-        Command::Run { job, job_id } => exit::report(pipeline::run_job_file(&job, job_id)),
+        Command::Run { job, job_id } => {
+            init_logging(false);
+            exit::report(pipeline::run_job_file(&job, job_id))
+        }
+        Command::Serve { config } => {
+            let config = match service::load_config(config.as_deref()) {
+                Ok(config) => config,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(64);
+                }
+            };
+            init_logging(config.log_format == "json");
+            match service::serve(config) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(70)
+                }
+            }
+        }
+    }
+}
+
+fn init_logging(json: bool) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
     }
 }

@@ -26,15 +26,14 @@ use coreg::method::stage2::{
     MixedPrecision, Stage2, Stage2Config, Stage2Models, Stage2Scalars, Stage2State,
 };
 use coreg::model::tokenizer::ClipTokenizer;
-use coreg::model::{LoadOptions, ModelFolder};
 use coreg::optim::AdamWConfig;
-use coreg::schedule::NoiseSchedule;
 use coreg::store::Store;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tch::{Device, Kind, Tensor};
-use tokio::runtime::Runtime;
+use tokio::runtime::{Handle, Runtime};
 
+use crate::base_model::{parse_device, BaseModel};
 use crate::exit::JobFailure;
 use crate::job::JobSpec;
 use crate::previews::{preview_name, PreviewPlan};
@@ -60,16 +59,83 @@ pub fn run_job_file(path: &Path, job_id: Option<String>) -> Result<String, JobFa
     runtime.spawn(stop_on_signal(stop.clone()));
     let store = Store::open(&spec.store.url, spec.store.options.clone())
         .map_err(|e| JobFailure::InvalidJob(format!("store: {e}")))?;
-    let job = Job {
+    let device = parse_device(&spec.model.device)
+        .map_err(|e| JobFailure::InvalidJob(format!("model.device: {e}")))?;
+    let model_path = if spec.model.path.is_absolute() {
+        spec.model.path.clone()
+    } else {
+        base_dir.join(&spec.model.path)
+    };
+    let mut model = BaseModel::load(&model_path, device, spec.model.variant.clone())
+        .map_err(|e| JobFailure::InvalidJob(format!("model: {e}")))?;
+    let control = TerminalControl {
+        stop,
+        progress: RefCell::new(None),
+    };
+    let job = Job::new(
         spec,
         base_dir,
-        id: job_id,
+        job_id,
         store,
-        runtime,
-        stop,
-        state_file: RefCell::new(None),
-    };
-    job.run()
+        runtime.handle().clone(),
+        &control,
+    );
+    job.run(&mut model)
+}
+
+/// Which part of a job is running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Stage 1: the concept's embedding.
+    Embedding,
+    /// Stage 2: the U-Net.
+    UNet,
+}
+
+/// Why a job stops before its end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// The process is shutting down: checkpoint, then give the job back.
+    Shutdown,
+    /// The user cancelled the job: stop, write nothing more.
+    Cancelled,
+    /// Another replica holds the job now: stop at once and touch nothing of it.
+    LeaseLost,
+}
+
+/// What a running job reports to and asks, between steps, whether to go on.
+pub trait JobControl {
+    /// Step `step` (1-based) of `total` of `stage` completed with these losses.
+    fn step(&self, stage: Stage, step: usize, total: usize, losses: &[(&str, f64)]);
+    fn stop(&self) -> Option<StopReason>;
+}
+
+/// The one-shot `run`: progress lines on the terminal, SIGTERM/SIGINT as shutdown.
+struct TerminalControl {
+    stop: Arc<AtomicBool>,
+    progress: RefCell<Option<(Stage, Progress)>>,
+}
+
+impl JobControl for TerminalControl {
+    fn step(&self, stage: Stage, step: usize, total: usize, losses: &[(&str, f64)]) {
+        let mut progress = self.progress.borrow_mut();
+        if progress.as_ref().is_none_or(|(s, _)| *s != stage) {
+            let name = match stage {
+                Stage::Embedding => "stage 1",
+                Stage::UNet => "stage 2",
+            };
+            *progress = Some((stage, Progress::new(name, step - 1, total)));
+        }
+        if let Some((_, p)) = progress.as_ref() {
+            p.step(step, losses);
+        }
+    }
+
+    fn stop(&self) -> Option<StopReason> {
+        self.stop
+            .load(Ordering::SeqCst)
+            .then_some(StopReason::Shutdown)
+    }
 }
 
 /// Sets `stop` on SIGTERM or SIGINT; the training loop checkpoints and exits at the
@@ -90,13 +156,16 @@ async fn stop_on_signal(stop: Arc<AtomicBool>) {
     stop.store(true, Ordering::SeqCst);
 }
 
-struct Job {
+/// One job's run against a loaded base model: everything it stores lives under
+/// `jobs/<id>/` until the concept is written.
+pub struct Job<'a> {
     spec: JobSpec,
     base_dir: PathBuf,
     id: String,
     store: Store,
-    runtime: Runtime,
-    stop: Arc<AtomicBool>,
+    /// The object store is async; the job runs on a plain thread and blocks on it.
+    runtime: Handle,
+    control: &'a dyn JobControl,
     /// The state file the current checkpoint points at, deleted once superseded.
     state_file: RefCell<Option<String>>,
 }
@@ -137,7 +206,27 @@ fn transient(e: coreg::Error) -> JobFailure {
     JobFailure::Transient(e.to_string())
 }
 
-impl Job {
+impl<'a> Job<'a> {
+    /// `base_dir` resolves relative paths in `spec` (the job file's folder).
+    pub fn new(
+        spec: JobSpec,
+        base_dir: PathBuf,
+        id: String,
+        store: Store,
+        runtime: Handle,
+        control: &'a dyn JobControl,
+    ) -> Self {
+        Job {
+            spec,
+            base_dir,
+            id,
+            store,
+            runtime,
+            control,
+            state_file: RefCell::new(None),
+        }
+    }
+
     fn resolve(&self, path: &Path) -> PathBuf {
         if path.is_absolute() {
             path.to_path_buf()
@@ -148,20 +237,6 @@ impl Job {
 
     fn key(&self, name: &str) -> String {
         format!("jobs/{}/{name}", self.id)
-    }
-
-    fn device(&self) -> Result<Device, JobFailure> {
-        match self.spec.model.device.as_str() {
-            "auto" => Ok(Device::cuda_if_available()),
-            "cpu" => Ok(Device::Cpu),
-            "cuda" => Ok(Device::Cuda(0)),
-            other => match other.strip_prefix("cuda:").map(str::parse) {
-                Some(Ok(n)) => Ok(Device::Cuda(n)),
-                _ => Err(JobFailure::InvalidJob(format!(
-                    "model.device: {other:?} is not auto, cpu, cuda or cuda:N"
-                ))),
-            },
-        }
     }
 
     /// The photos' encoded bytes, from the job's folder or the store.
@@ -367,7 +442,16 @@ impl Job {
             .map_err(transient)
     }
 
-    fn run(&self) -> Result<String, JobFailure> {
+    /// Trains the job to its concept on `model`, resuming from the job's checkpoint if
+    /// there is one; the model's U-Net is back to its base weights afterwards.
+    pub fn run(&self, model: &mut BaseModel) -> Result<String, JobFailure> {
+        model.restore_unet().map_err(failed)?;
+        let result = self.train(model);
+        model.restore_unet().map_err(failed)?;
+        result
+    }
+
+    fn train(&self, model: &mut BaseModel) -> Result<String, JobFailure> {
         let spec = &self.spec;
         if let Some(manifest) = self.finished()? {
             return Ok(format!("already done: {manifest}"));
@@ -380,7 +464,7 @@ impl Job {
                     .put_overwrite(&self.key("job.json"), Bytes::from(record)),
             )
             .map_err(|e| JobFailure::Transient(format!("the store is not writable: {e}")))?;
-        let device = self.device()?;
+        let device = model.device;
         let stage1_config = self.stage1_config()?;
         let stage2_config = self.stage2_config(device)?;
         let limits = ImageLimits::default();
@@ -388,15 +472,7 @@ impl Job {
             .map_err(bad_input)?
             .downscaled(2 * spec.training.resolution);
 
-        let folder = ModelFolder::open(self.resolve(&spec.model.path))
-            .map_err(|e| JobFailure::InvalidJob(format!("model.path: {e}")))?;
-        let opts = LoadOptions {
-            device,
-            kind: Kind::Float,
-            variant: spec.model.variant.clone(),
-        };
-        let load_err = |e: coreg::Error| JobFailure::InvalidJob(format!("model: {e}"));
-        let mut tokenizer: ClipTokenizer = folder.tokenizer().map_err(load_err)?;
+        let mut tokenizer = model.tokenizer.clone();
         let placeholder = spec
             .concept
             .token
@@ -414,10 +490,15 @@ impl Job {
             placeholder: &placeholder,
             placeholder_id,
         });
-        let text_encoder = folder.load_text_encoder(&opts).map_err(load_err)?;
-        let mut unet = folder.load_unet(&opts).map_err(load_err)?;
-        let vae = folder.load_vae(&opts).map_err(load_err)?;
-        let schedule = NoiseSchedule::new(&folder.scheduler).map_err(load_err)?;
+        if stage2_config.steps > 0 {
+            model.mark_unet_trained();
+        }
+        let (folder, text_encoder, vae, schedule) = (
+            &model.folder,
+            &model.text_encoder,
+            &model.vae,
+            &model.schedule,
+        );
         let category = spec.concept.category.trim().to_string();
 
         let mut checkpoint = self.load_checkpoint()?;
@@ -437,10 +518,10 @@ impl Job {
         // Stage 1: the embedding.
         let (embedding, mut losses) = {
             let models = FrozenModels {
-                text_encoder: &text_encoder,
-                unet: &unet,
-                vae: &vae,
-                schedule: &schedule,
+                text_encoder,
+                unet: &model.unet,
+                vae,
+                schedule,
                 prediction_type: folder.scheduler.prediction_type,
             };
             let stage1 = Stage1::new(
@@ -489,9 +570,9 @@ impl Job {
                     };
                     let pipeline = Pipeline {
                         tokenizer: &tokenizer,
-                        text_encoder: &text_encoder,
-                        unet: &unet,
-                        vae: &vae,
+                        text_encoder,
+                        unet: &model.unet,
+                        vae,
                         scheduler: &folder.scheduler,
                     };
                     let previews = previewer.as_ref().map(|p| (p, pipeline));
@@ -509,18 +590,17 @@ impl Job {
         };
 
         // Stage 2: the U-Net.
-        let base = unet_delta::snapshot(&unet.vars, Device::Cpu).map_err(failed)?;
         if stage2_config.steps > 0 {
             let embedding_blob = self.put_tensors(
                 "embedding",
                 &[("embedding".into(), embedding.shallow_clone())],
             )?;
             let models = Stage2Models {
-                text_encoder: &text_encoder,
-                unet: &mut unet,
+                text_encoder,
+                unet: &mut model.unet,
                 unet_config: &folder.unet,
-                vae: &vae,
-                schedule: &schedule,
+                vae,
+                schedule,
                 prediction_type: folder.scheduler.prediction_type,
             };
             let stage2 = Stage2::new(stage2_config, models, &tokenizer, &placeholder, &embedding)
@@ -541,9 +621,9 @@ impl Job {
             };
             let pipeline = Pipeline {
                 tokenizer: &tokenizer,
-                text_encoder: &text_encoder,
+                text_encoder,
                 unet: stage2.unet(),
-                vae: &vae,
+                vae,
                 scheduler: &folder.scheduler,
             };
             let previews = previewer.as_ref().map(|p| (p, pipeline));
@@ -553,20 +633,20 @@ impl Job {
                 &photos,
                 losses,
                 &embedding_blob,
-                schedule.num_train_timesteps(),
                 previews,
             )?;
         }
-        unet.vars.freeze();
+        model.unet.vars.freeze();
 
         // Artifacts.
-        let tuned = unet_delta::snapshot(&unet.vars, Device::Cpu).map_err(failed)?;
+        let tuned = unet_delta::snapshot(&model.unet.vars, Device::Cpu).map_err(failed)?;
+        let base = model.base_unet();
         let delta = match spec.stage2.delta_rank {
-            Some(rank) => UNetDelta::low_rank(&base, &tuned, rank as i64),
-            None => UNetDelta::exact(&base, &tuned),
+            Some(rank) => UNetDelta::low_rank(base, &tuned, rank as i64),
+            None => UNetDelta::exact(base, &tuned),
         }
         .map_err(failed)?;
-        let training_latents = self.training_latents(&photos, &vae)?;
+        let training_latents = self.training_latents(&photos, &model.vae)?;
         let hyper_parameters = serde_json::json!({
             "job": self.spec_for_manifest(),
             "stage1": {
@@ -586,7 +666,7 @@ impl Job {
             },
             "stage2": serde_json::to_value(stage2_config).unwrap_or_default(),
         });
-        let base_model = base_model_identity(&folder).map_err(transient)?;
+        let base_model = base_model_identity(&model.folder).map_err(transient)?;
         let artifacts = ConceptArtifacts {
             embedding: LearnedEmbedding::new(&placeholder, &embedding).map_err(failed)?,
             unet_delta: delta,
@@ -755,13 +835,21 @@ impl Job {
         Ok(())
     }
 
-    fn stop_requested(&self) -> bool {
-        self.stop.load(Ordering::SeqCst)
+    /// Asked between steps: `Ok(true)` when the job must checkpoint and stop (the
+    /// process shuts down); a cancelled job or one another replica took over ends at
+    /// once, writing nothing more.
+    fn shutting_down(&self) -> Result<bool, JobFailure> {
+        match self.control.stop() {
+            None => Ok(false),
+            Some(StopReason::Shutdown) => Ok(true),
+            Some(StopReason::Cancelled) => Err(JobFailure::Cancelled),
+            Some(StopReason::LeaseLost) => Err(JobFailure::LeaseLost),
+        }
     }
 
     fn checkpoint_due(&self, step: usize, total: usize) -> bool {
         let every = self.spec.checkpoints.every;
-        step == total || (every > 0 && step % every == 0) || self.stop_requested()
+        step == total || (every > 0 && step % every == 0)
     }
 
     fn run_stage1(
@@ -776,7 +864,6 @@ impl Job {
         let config = stage1.config();
         let device = state.embedding.device();
         let shape = self.batch_shape(config.batch_size, num_train_timesteps);
-        let progress = Progress::new("stage 1", state.step, config.steps);
         while state.step < config.steps {
             let batch = photos
                 .stage1_batch(
@@ -799,10 +886,11 @@ impl Job {
                     losses.stage1.entry(term.into()).or_default().push(v as f32);
                 }
             }
-            progress.step(
-                state.step,
-                &[("loss", step.total), ("diffusion", step.diffusion)],
-            );
+            let mut reported = vec![("total", step.total), ("diffusion", step.diffusion)];
+            reported.extend(step.embedding.map(|v| ("embedding", v)));
+            reported.extend(step.attention.map(|v| ("attention", v)));
+            self.control
+                .step(Stage::Embedding, state.step, config.steps, &reported);
             if let Some((previewer, pipeline)) = &previews {
                 self.write_previews(
                     previewer,
@@ -813,7 +901,8 @@ impl Job {
                     &state.embedding,
                 )?;
             }
-            if self.checkpoint_due(state.step, config.steps) {
+            let stop = self.shutting_down()?;
+            if stop || self.checkpoint_due(state.step, config.steps) {
                 let (tensors, scalars) = state.checkpoint();
                 let tensors = self.put_tensors(&format!("stage1-{:06}", state.step), &tensors)?;
                 self.advance_checkpoint(&Checkpoint::Stage1 {
@@ -821,7 +910,7 @@ impl Job {
                     scalars,
                     losses: losses.clone(),
                 })?;
-                if self.stop_requested() && state.step < config.steps {
+                if stop && state.step < config.steps {
                     return Err(JobFailure::Transient(format!(
                         "stopped after stage-1 step {}; run the job again to resume",
                         state.step
@@ -839,13 +928,11 @@ impl Job {
         photos: &TrainingImages,
         mut losses: LossHistory,
         embedding_blob: &str,
-        num_train_timesteps: usize,
         previews: Option<(&Previewer<'_>, Pipeline<'_>)>,
     ) -> Result<LossHistory, JobFailure> {
         let config = stage2.config();
-        let device = self.device()?;
-        let shape = self.batch_shape(config.batch_size, num_train_timesteps);
-        let progress = Progress::new("stage 2", state.step, config.steps);
+        let device = stage2.unet().vars.device();
+        let shape = self.batch_shape(config.batch_size, stage2.schedule().num_train_timesteps());
         while state.step < config.steps {
             let batch = photos
                 .stage2_batch(self.spec.training.seed, state.step, &shape, device)
@@ -856,12 +943,18 @@ impl Job {
                 .entry("diffusion".into())
                 .or_default()
                 .push(step.diffusion as f32);
-            progress.step(state.step, &[("diffusion", step.diffusion)]);
+            self.control.step(
+                Stage::UNet,
+                state.step,
+                config.steps,
+                &[("diffusion", step.diffusion)],
+            );
             if let Some((previewer, pipeline)) = &previews {
                 let embedding = stage2.concept_embedding();
                 self.write_previews(previewer, pipeline, 2, state.step, config.steps, embedding)?;
             }
-            if self.checkpoint_due(state.step, config.steps) {
+            let stop = self.shutting_down()?;
+            if stop || self.checkpoint_due(state.step, config.steps) {
                 let (tensors, scalars) = stage2.checkpoint(state);
                 let tensors = self.put_tensors(&format!("stage2-{:06}", state.step), &tensors)?;
                 self.advance_checkpoint(&Checkpoint::Stage2 {
@@ -870,7 +963,7 @@ impl Job {
                     scalars,
                     losses: losses.clone(),
                 })?;
-                if self.stop_requested() && state.step < config.steps {
+                if stop && state.step < config.steps {
                     return Err(JobFailure::Transient(format!(
                         "stopped after stage-2 step {}; run the job again to resume",
                         state.step

@@ -345,6 +345,11 @@ impl<'a> Stage2<'a> {
         &self.config
     }
 
+    /// The training noise schedule the timesteps are drawn from.
+    pub fn schedule(&self) -> &NoiseSchedule {
+        self.schedule
+    }
+
     /// The U-Net being trained, holding the current fp32 weights (with mixed precision
     /// too: the low-precision working copy is refreshed from them every step).
     pub fn unet(&self) -> &Component<UNet2DConditionModel> {

@@ -198,6 +198,7 @@ pub struct TokenizedPrompt {
 }
 
 /// CLIP's BPE tokenizer, giving the ids transformers' `CLIPTokenizer` gives.
+#[derive(Clone)]
 pub struct ClipTokenizer {
     tokenizer: Tokenizer,
     pad_id: i64,

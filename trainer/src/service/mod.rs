@@ -1,0 +1,205 @@
+//! `coreg-trainer serve`: the training service. The gRPC layer (handlers in [`api`])
+//! only reads and writes job records in the shared object store; one model thread per
+//! process ([`worker`]) trains the jobs it claims. Health stays NOT_SERVING until the
+//! base model is loaded and warmed up, and turns NOT_SERVING first on SIGTERM, before
+//! the running job checkpoints and is given back.
+
+mod api;
+mod auth;
+pub mod config;
+mod metrics;
+mod request;
+mod worker;
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use coreg::model::ModelFolder;
+use coreg::store::Store;
+use coreg_proto::v1::trainer_service_server::TrainerServiceServer;
+use tokio::sync::Semaphore;
+use tonic::transport::{Identity, Server, ServerTlsConfig};
+use tonic_health::ServingStatus;
+
+use crate::job_store::JobStore;
+
+use self::config::ServiceConfig;
+use self::worker::{Worker, WorkerShared};
+
+/// The service name health reports under besides the overall `""`.
+const SERVICE_NAME: &str = "coreg.v1.TrainerService";
+
+/// Runs the service until SIGTERM/SIGINT; errors are configuration or start-up
+/// failures, described for the operator.
+pub fn serve(config: ServiceConfig) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(serve_async(config))
+}
+
+fn replica_name(config: &ServiceConfig) -> String {
+    config.replica_id.clone().unwrap_or_else(|| {
+        let host = std::env::var("HOSTNAME")
+            .ok()
+            .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "trainer".into());
+        format!("{host}-{}", std::process::id())
+    })
+}
+
+async fn serve_async(config: ServiceConfig) -> anyhow::Result<()> {
+    tracing::info!(config = %config.redacted(), "starting coreg-trainer serve");
+    let store = Store::open(&config.store.url, config.store.options.clone())
+        .map_err(|e| anyhow::anyhow!("store: {e}"))?;
+    let folder =
+        ModelFolder::open(&config.model.path).map_err(|e| anyhow::anyhow!("model.path: {e}"))?;
+    let tokenizer = Arc::new(
+        folder
+            .tokenizer()
+            .map_err(|e| anyhow::anyhow!("model: {e}"))?,
+    );
+    let token = config.bearer_token()?;
+    let jobs = JobStore::new(store);
+    let replica = replica_name(&config);
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    health
+        .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
+        .await;
+
+    let shared = Arc::new(WorkerShared {
+        shutdown: Default::default(),
+        wake: Default::default(),
+        metrics: Default::default(),
+    });
+    if let Some(address) = config.metrics_listen {
+        let listener = metrics::bind(address)
+            .await
+            .map_err(|e| anyhow::anyhow!("metrics_listen {address}: {e}"))?;
+        tracing::info!(address = %listener.local_addr()?, "metrics listening");
+        tokio::spawn(metrics::serve(listener, shared.metrics.clone()));
+    }
+
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let worker = Worker {
+        config: config.clone(),
+        replica: replica.clone(),
+        jobs: jobs.clone(),
+        runtime: tokio::runtime::Handle::current(),
+        shared: shared.clone(),
+    };
+    let worker_thread = std::thread::Builder::new()
+        .name("model".into())
+        .spawn(move || worker.run(ready_tx))?;
+
+    let api = api::TrainerApi {
+        jobs,
+        tokenizer,
+        shared: shared.clone(),
+        permits: Arc::new(Semaphore::new(config.limits.max_concurrent_requests)),
+        max_queued_jobs: config.limits.max_queued_jobs,
+    };
+    let trainer = TrainerServiceServer::new(api)
+        .max_decoding_message_size(config.limits.max_request_bytes)
+        .max_encoding_message_size(config.limits.max_request_bytes);
+    let trainer =
+        tonic::service::interceptor::InterceptedService::new(trainer, auth::BearerAuth::new(token));
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(coreg_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("listen {}: {e}", config.listen))?;
+    let address = listener.local_addr()?;
+    // Tests and supervisors read the bound address (the port may be 0) from here.
+    println!("listening on {address}");
+    tracing::info!(%address, %replica, "gRPC listening");
+
+    let mut builder = Server::builder();
+    if let Some(tls) = &config.tls {
+        let cert = std::fs::read(&tls.cert)
+            .map_err(|e| anyhow::anyhow!("tls.cert {}: {e}", tls.cert.display()))?;
+        let key = std::fs::read(&tls.key)
+            .map_err(|e| anyhow::anyhow!("tls.key {}: {e}", tls.key.display()))?;
+        builder =
+            builder.tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))?;
+    }
+    let router = builder
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(trainer);
+
+    let health_on_ready = health.clone();
+    let metrics = shared.metrics.clone();
+    let readiness = async move {
+        match ready_rx.await {
+            Ok(Ok(())) => {
+                health_on_ready
+                    .set_service_status("", ServingStatus::Serving)
+                    .await;
+                health_on_ready
+                    .set_service_status(SERVICE_NAME, ServingStatus::Serving)
+                    .await;
+                metrics.ready.set(1);
+                tracing::info!("ready");
+                Ok(())
+            }
+            Ok(Err(e)) => Err(anyhow::anyhow!(e)),
+            Err(_) => Err(anyhow::anyhow!(
+                "the model thread ended before it was ready"
+            )),
+        }
+    };
+    let grace = config.shutdown_grace();
+    let stopping = shared.clone();
+    let shutdown = async move {
+        wait_for_signal().await;
+        tracing::warn!("shutting down: NOT_SERVING, checkpointing the running job");
+        health
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
+        health
+            .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
+            .await;
+        stopping.shutdown.store(true, Ordering::SeqCst);
+        stopping.wake();
+        let joined = tokio::task::spawn_blocking(move || worker_thread.join());
+        if tokio::time::timeout(grace, joined).await.is_err() {
+            tracing::warn!("the running job did not stop within the grace period");
+        }
+    };
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let server = router.serve_with_incoming_shutdown(incoming, shutdown);
+    tokio::pin!(server);
+    tokio::select! {
+        result = &mut server => return result.map_err(Into::into),
+        ready = readiness => ready?,
+    }
+    server.await.map_err(Into::into)
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+/// Reads the configuration for `serve`.
+pub fn load_config(file: Option<&Path>) -> Result<ServiceConfig, config::ConfigError> {
+    ServiceConfig::load(file)
+}
