@@ -448,6 +448,10 @@ impl<'a> Job<'a> {
         model.restore_unet().map_err(failed)?;
         let result = self.train(model);
         model.restore_unet().map_err(failed)?;
+        if matches!(result, Err(JobFailure::Cancelled)) {
+            // A cancelled job is never resumed: its checkpoints are garbage.
+            self.discard_checkpoints()?;
+        }
         result
     }
 
@@ -711,6 +715,15 @@ impl<'a> Job<'a> {
                     .put_overwrite(&self.key("result.json"), Bytes::from(result.to_string())),
             )
             .map_err(transient)?;
+        self.discard_checkpoints()
+    }
+
+    /// Deletes the checkpoint record first, so that a crash part-way leaves no record
+    /// naming a deleted checkpoint, then the checkpoints.
+    fn discard_checkpoints(&self) -> Result<(), JobFailure> {
+        self.runtime
+            .block_on(self.store.delete(&self.key("checkpoint.json")))
+            .map_err(transient)?;
         let checkpoints = self
             .runtime
             .block_on(self.store.list(&self.key("checkpoints/")))
@@ -720,9 +733,7 @@ impl<'a> Job<'a> {
                 .block_on(self.store.delete(&object.path))
                 .map_err(transient)?;
         }
-        self.runtime
-            .block_on(self.store.delete(&self.key("checkpoint.json")))
-            .map_err(transient)
+        Ok(())
     }
 
     /// The manifest a finished run of this job wrote, if any.

@@ -53,6 +53,7 @@ pub struct ModelConfig {
 pub struct StoreConfig {
     pub url: String,
     /// Backend options (credentials, endpoint, region) by object_store's key names.
+    #[serde(deserialize_with = "options_as_strings")]
     pub options: BTreeMap<String, String>,
 }
 
@@ -114,6 +115,74 @@ impl Default for ServiceConfig {
     }
 }
 
+/// Store options are strings to object_store, but figment reads `COREG_STORE__OPTIONS__
+/// AWS_ALLOW_HTTP=true` as a boolean and TOML may say `true` or `443` unquoted: any
+/// scalar is taken as its text.
+fn options_as_strings<'de, D>(deserializer: D) -> Result<BTreeMap<String, String>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    struct Scalar(String);
+    impl<'de> Deserialize<'de> for Scalar {
+        fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            struct Visitor;
+            impl serde::de::Visitor<'_> for Visitor {
+                type Value = Scalar;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("a string, number or boolean")
+                }
+                fn visit_str<E>(self, v: &str) -> Result<Scalar, E> {
+                    Ok(Scalar(v.to_owned()))
+                }
+                fn visit_bool<E>(self, v: bool) -> Result<Scalar, E> {
+                    Ok(Scalar(v.to_string()))
+                }
+                fn visit_i64<E>(self, v: i64) -> Result<Scalar, E> {
+                    Ok(Scalar(v.to_string()))
+                }
+                fn visit_u64<E>(self, v: u64) -> Result<Scalar, E> {
+                    Ok(Scalar(v.to_string()))
+                }
+                fn visit_f64<E>(self, v: f64) -> Result<Scalar, E> {
+                    Ok(Scalar(v.to_string()))
+                }
+            }
+            deserializer.deserialize_any(Visitor)
+        }
+    }
+    let map = BTreeMap::<String, Scalar>::deserialize(deserializer)?;
+    Ok(map.into_iter().map(|(k, v)| (k, v.0)).collect())
+}
+
+/// The top-level keys of [`ServiceConfig`]. Only environment variables naming one of
+/// them are configuration: other tools share the `COREG_` prefix (`COREG_CONFIG`
+/// names the file, the test set-up exports `COREG_PYTHON`), and a misspelt nested
+/// key (`COREG_STORE__ULR`) is still refused as unknown.
+const TOP_LEVEL_KEYS: [&str; 12] = [
+    "listen",
+    "metrics_listen",
+    "model",
+    "store",
+    "replica_id",
+    "lease_seconds",
+    "poll_milliseconds",
+    "shutdown_grace_seconds",
+    "limits",
+    "log_format",
+    "auth",
+    "tls",
+];
+
+/// The `{prefix}…` variables that configure the service, nested keys split on `__`.
+fn environment(prefix: &str) -> Env {
+    Env::prefixed(prefix).split("__").filter(|key| {
+        let top = key.as_str().split('.').next().unwrap_or_default();
+        TOP_LEVEL_KEYS
+            .iter()
+            .any(|known| top.eq_ignore_ascii_case(known))
+    })
+}
+
 /// A configuration that cannot be used; the message names the key.
 #[derive(Debug, thiserror::Error)]
 #[error("configuration: {0}")]
@@ -122,7 +191,7 @@ pub struct ConfigError(pub String);
 impl ServiceConfig {
     /// Defaults < `file` (must exist when given) < `COREG_…` environment.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
-        Self::load_from(file, Env::prefixed("COREG_").split("__"))
+        Self::load_from(file, environment("COREG_"))
     }
 
     fn load_from(file: Option<&Path>, env: Env) -> Result<Self, ConfigError> {
@@ -263,15 +332,57 @@ impl ServiceConfig {
 mod tests {
     use super::*;
 
+    /// `vars` under a prefix no real environment uses and no other call shares (tests
+    /// run concurrently in one process), so only these variables count.
     fn env(vars: &[(&str, &str)]) -> Env {
-        // A prefix no real environment uses, so only the test's variables count.
-        let prefix = format!("COREG_TEST_{}_", std::process::id());
+        static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let prefix = format!("COREG_TEST_{}_{call}_", std::process::id());
         for (key, value) in vars {
-            // SAFETY: each test uses its own variable names; nothing reads them
-            // concurrently except figment below.
+            // Each call has its own prefix, so no other test reads or writes these.
             std::env::set_var(format!("{prefix}{key}"), value);
         }
-        Env::prefixed(&prefix).split("__")
+        environment(&prefix)
+    }
+
+    #[test]
+    fn the_known_keys_are_exactly_the_configuration_fields() {
+        let value = serde_json::to_value(ServiceConfig::default()).unwrap();
+        let mut fields: Vec<&str> = value
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        fields.sort_unstable();
+        let mut known = TOP_LEVEL_KEYS.to_vec();
+        known.sort_unstable();
+        assert_eq!(fields, known);
+    }
+
+    #[test]
+    fn other_tools_variables_are_ignored_but_misspelt_nested_keys_are_not() {
+        let config = ServiceConfig::load_from(
+            None,
+            env(&[
+                ("PYTHON", "/usr/bin/python3"),
+                ("CONFIG", "/etc/coreg.toml"),
+                ("STORE__URL", "memory:///"),
+                ("STORE__OPTIONS__AWS_ALLOW_HTTP", "true"),
+                ("STORE__OPTIONS__AWS_REGION", "us-east-1"),
+                ("MODEL__PATH", "/m"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.store.url, "memory:///");
+        assert_eq!(config.store.options["aws_allow_http"], "true");
+        assert_eq!(config.store.options["aws_region"], "us-east-1");
+        let error = ServiceConfig::load_from(
+            None,
+            env(&[("STORE__ULR", "memory:///"), ("MODEL__PATH", "/m")]),
+        )
+        .unwrap_err();
+        assert!(error.to_string().contains("ulr"), "{error}");
     }
 
     #[test]

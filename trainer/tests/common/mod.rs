@@ -2,6 +2,8 @@
 //! and running `coreg-trainer` on them.
 #![allow(dead_code)]
 
+pub mod server;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
