@@ -117,6 +117,20 @@ async fn submit_watch_and_verify(
         .into_inner();
     assert_eq!(listed.jobs.len(), 1, "one request id, one job");
     assert_eq!(get(&mut client, &job.id).await.attempts, 1);
+
+    let metrics = server.scrape_metrics();
+    for line in [
+        "coreg_trainer_ready 1",
+        "coreg_trainer_jobs_created_total 1",
+        "coreg_trainer_jobs_ended_total{state=\"succeeded\"} 1",
+        "coreg_trainer_jobs_ended_total{state=\"failed\"} 0",
+        "coreg_trainer_running_jobs 0",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no {line:?} in:\n{metrics}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -453,4 +467,68 @@ async fn sigterm_checkpoints_the_running_job_and_releases_it_at_once() {
         .unwrap();
     let ended = wait_for(&mut client, &job.id, JOB_TIMEOUT, "a final state", is_final).await;
     assert_eq!(state(&ended), pb::JobState::Cancelled);
+}
+
+/// With `tls` configured the server speaks only TLS: a client trusting its
+/// certificate trains a job, a plaintext client gets nowhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_serves_clients_that_trust_the_certificate() {
+    use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+
+    let fx = Fixture::new();
+    let store = fx.store_url();
+    // A test CA and a server certificate it signed (rustls refuses a self-signed CA
+    // certificate as the server's own).
+    let script = r#"set -e
+openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=coreg-test-ca -keyout ca.key -out ca.pem
+openssl req -newkey rsa:2048 -nodes -subj /CN=localhost -keyout key.pem -out server.csr
+printf 'subjectAltName=DNS:localhost\nbasicConstraints=critical,CA:FALSE\nextendedKeyUsage=serverAuth\n' > server.ext
+openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 1 -extfile server.ext -out cert.pem
+"#;
+    let made = std::process::Command::new("sh")
+        .args(["-c", script])
+        .current_dir(fx.path(""))
+        .output()
+        .expect("openssl makes the test certificates");
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let (cert, key, ca) = (fx.path("cert.pem"), fx.path("key.pem"), fx.path("ca.pem"));
+    let server = Server::start(
+        &fx.path("model"),
+        &store,
+        &fx.path("serve.log"),
+        &[
+            ("COREG_TLS__CERT", cert.to_str().unwrap()),
+            ("COREG_TLS__KEY", key.to_str().unwrap()),
+        ],
+    );
+    // The test process links both rustls providers too (see install_crypto_provider).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(std::fs::read(&ca).unwrap()))
+        .domain_name("localhost");
+    let channel = Channel::from_shared(format!("https://{}", server.address))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = pb::trainer_service_client::TrainerServiceClient::new(channel);
+    let job = create(
+        &mut client,
+        "tls",
+        spec(&photos(&fx.path("photos")), "tls", 2, 1, 50),
+    )
+    .await;
+    wait_succeeded(&mut client, &job.id, JOB_TIMEOUT).await;
+
+    assert_eq!(
+        server.health("").await,
+        None,
+        "plaintext must not be answered"
+    );
 }

@@ -129,25 +129,34 @@ impl TrainerApi {
         images: Vec<RequestImage>,
     ) -> Result<Vec<String>, Status> {
         let store = self.jobs.store();
+        // Every referenced photo must exist before anything is written, so a refused
+        // request leaves nothing behind.
+        for (i, image) in images.iter().enumerate() {
+            if let RequestImage::Stored(key) = image {
+                if !store.exists(key).await.map_err(status_of)? {
+                    return Err(Status::invalid_argument(format!(
+                        "spec.images[{i}].object_key: {key:?} is not in the trainer's store"
+                    )));
+                }
+            }
+        }
         let mut keys = Vec::with_capacity(images.len());
+        let mut written: Vec<String> = Vec::new();
         for (i, image) in images.into_iter().enumerate() {
             match image {
                 RequestImage::Inline(bytes) => {
                     let key = format!("jobs/{id}/inputs/{i:02}");
-                    store
-                        .put_overwrite(&key, Bytes::from(bytes))
-                        .await
-                        .map_err(status_of)?;
-                    keys.push(key);
-                }
-                RequestImage::Stored(key) => {
-                    if !store.exists(&key).await.map_err(status_of)? {
-                        return Err(Status::invalid_argument(format!(
-                            "spec.images[{i}].object_key: {key:?} is not in the trainer's store"
-                        )));
+                    if let Err(e) = store.put_overwrite(&key, Bytes::from(bytes)).await {
+                        // Best effort: the job is not created, its inputs are garbage.
+                        for key in &written {
+                            let _ = store.delete(key).await;
+                        }
+                        return Err(status_of(e));
                     }
+                    written.push(key.clone());
                     keys.push(key);
                 }
+                RequestImage::Stored(key) => keys.push(key),
             }
         }
         Ok(keys)

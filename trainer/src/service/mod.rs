@@ -81,7 +81,11 @@ async fn serve_async(config: ServiceConfig) -> anyhow::Result<()> {
         let listener = metrics::bind(address)
             .await
             .map_err(|e| anyhow::anyhow!("metrics_listen {address}: {e}"))?;
-        tracing::info!(address = %listener.local_addr()?, "metrics listening");
+        let address = listener.local_addr()?;
+        tracing::info!(%address, "metrics listening");
+        // On stdout too, like the gRPC address: with port 0 it is how a supervisor
+        // (or a test) learns the port.
+        println!("metrics on {address}");
         tokio::spawn(metrics::serve(listener, shared.metrics.clone()));
     }
 
@@ -114,6 +118,17 @@ async fn serve_async(config: ServiceConfig) -> anyhow::Result<()> {
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
 
+    // TLS first: a bad certificate stops the start before the address is announced.
+    let mut builder = Server::builder();
+    if let Some(tls) = &config.tls {
+        install_crypto_provider();
+        let cert = std::fs::read(&tls.cert)
+            .map_err(|e| anyhow::anyhow!("tls.cert {}: {e}", tls.cert.display()))?;
+        let key = std::fs::read(&tls.key)
+            .map_err(|e| anyhow::anyhow!("tls.key {}: {e}", tls.key.display()))?;
+        builder =
+            builder.tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))?;
+    }
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| anyhow::anyhow!("listen {}: {e}", config.listen))?;
@@ -122,15 +137,6 @@ async fn serve_async(config: ServiceConfig) -> anyhow::Result<()> {
     println!("listening on {address}");
     tracing::info!(%address, %replica, "gRPC listening");
 
-    let mut builder = Server::builder();
-    if let Some(tls) = &config.tls {
-        let cert = std::fs::read(&tls.cert)
-            .map_err(|e| anyhow::anyhow!("tls.cert {}: {e}", tls.cert.display()))?;
-        let key = std::fs::read(&tls.key)
-            .map_err(|e| anyhow::anyhow!("tls.key {}: {e}", tls.key.display()))?;
-        builder =
-            builder.tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))?;
-    }
     let router = builder
         .add_service(health_service)
         .add_service(reflection)
@@ -183,6 +189,13 @@ async fn serve_async(config: ServiceConfig) -> anyhow::Result<()> {
         ready = readiness => ready?,
     }
     server.await.map_err(Into::into)
+}
+
+/// rustls panics at the first handshake when more than one crypto provider is
+/// compiled in (tonic brings ring, object_store's HTTP client aws-lc-rs) and none was
+/// chosen. Choose ring, once per process; a provider already installed is kept.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 async fn wait_for_signal() {

@@ -174,7 +174,7 @@ impl TrainingRequest {
         probe.images.keys = vec!["pending".into()];
         probe
             .validate()
-            .map_err(|e| invalid(&format!("spec.{}", e.key), e.message))?;
+            .map_err(|e| invalid(&format!("spec.{}", proto_field(&e.key)), e.message))?;
 
         tokenizer
             .single_token_id(self.concept.category.trim())
@@ -319,6 +319,24 @@ impl TrainingRequest {
     }
 }
 
+/// The `TrainingJobSpec` field a job-file key (as [`JobSpec::validate`] names it)
+/// came from, so that an error names what the client sent.
+fn proto_field(key: &str) -> String {
+    match key {
+        "concept.name" => "concept_name".into(),
+        "concept.version" => "concept_version".into(),
+        "concept.category" => "category".into(),
+        "concept.token" => "token".into(),
+        "checkpoints.every" => "checkpoint_every".into(),
+        "images.keys" => "images".into(),
+        _ => key.strip_prefix("training.").unwrap_or(key).to_string(),
+    }
+}
+
+/// Top-level folders the service writes (jobs, concepts, content-addressed blobs): a
+/// job may not train on another job's inputs or on artifacts.
+const RESERVED_PREFIXES: [&str; 3] = ["jobs", "concepts", "blobs"];
+
 /// A store key a client may point a job at: relative, no `..`, no empty segments, no
 /// control characters, and not inside the service's own areas.
 fn check_object_key(key: &str) -> Result<(), String> {
@@ -334,6 +352,12 @@ fn check_object_key(key: &str) -> Result<(), String> {
             "{key:?} is not a relative object key (no empty, `.` or `..` segments)"
         ));
     }
+    let top = key.split('/').next().unwrap_or_default();
+    if RESERVED_PREFIXES.contains(&top) {
+        return Err(format!(
+            "{key:?} is inside the service's own `{top}/` area; upload photos elsewhere"
+        ));
+    }
     Ok(())
 }
 
@@ -343,7 +367,17 @@ mod tests {
 
     #[test]
     fn object_keys_cannot_escape_the_store() {
-        for key in ["", "/etc/passwd", "a/../b", "a//b", "./a", "a\nb"] {
+        for key in [
+            "",
+            "/etc/passwd",
+            "a/../b",
+            "a//b",
+            "./a",
+            "a\nb",
+            "jobs/r1/inputs/00",
+            "concepts/toy/v1/manifest.json",
+            "blobs/sha256/00",
+        ] {
             assert!(check_object_key(key).is_err(), "{key:?} accepted");
         }
         for key in ["uploads/rex/1.jpg", "a.png"] {

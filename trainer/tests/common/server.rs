@@ -22,6 +22,8 @@ const START_TIMEOUT: Duration = Duration::from_secs(180);
 pub struct Server {
     child: Option<Child>,
     pub address: String,
+    /// Where `/metrics` is served.
+    pub metrics: String,
     log: PathBuf,
 }
 
@@ -53,19 +55,24 @@ impl Server {
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
+            let mut metrics = String::new();
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(address) = line.strip_prefix("metrics on ") {
+                    metrics = address.to_string();
+                }
                 if let Some(address) = line.strip_prefix("listening on ") {
-                    let _ = tx.send(address.to_string());
+                    let _ = tx.send((address.to_string(), metrics.clone()));
                 }
             }
         });
         let mut server = Server {
             child: Some(child),
             address: String::new(),
+            metrics: String::new(),
             log: log.to_path_buf(),
         };
-        server.address = match rx.recv_timeout(START_TIMEOUT) {
-            Ok(address) => address,
+        (server.address, server.metrics) = match rx.recv_timeout(START_TIMEOUT) {
+            Ok(addresses) => addresses,
             Err(_) => panic!("the server never listened; its log:\n{}", server.log_text()),
         };
         server
@@ -112,6 +119,22 @@ impl Server {
             .await
             .ok()?;
         ServingStatus::try_from(response.into_inner().status).ok()
+    }
+
+    /// The Prometheus exposition text from `GET /metrics`.
+    pub fn scrape_metrics(&self) -> String {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(&self.metrics).unwrap();
+        stream
+            .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        assert!(
+            response.starts_with("HTTP/1.") && response.contains(" 200 "),
+            "{response}"
+        );
+        response
     }
 
     pub async fn client(&self) -> TrainerServiceClient<Channel> {
