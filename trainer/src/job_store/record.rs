@@ -81,6 +81,9 @@ pub struct TrainingProgress {
     pub total_steps: u32,
     /// The last step's losses by term ("total", "diffusion", "embedding", "attention").
     pub losses: BTreeMap<String, f64>,
+    /// Recent mean wall time of a step of this stage, once one was timed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_seconds: Option<f64>,
 }
 
 /// `jobs/<id>/status.json`. A job without one is queued and was never started.

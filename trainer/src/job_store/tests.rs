@@ -49,6 +49,7 @@ fn running() -> JobStatus {
             step: 3,
             total_steps: 400,
             losses: BTreeMap::from([("total".to_owned(), 0.25)]),
+            step_seconds: Some(0.5),
         }),
         attempts: 1,
         ..JobStatus::default()

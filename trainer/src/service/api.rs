@@ -84,8 +84,22 @@ fn progress_to_proto(status: &JobStatus) -> Option<pb::TrainingProgress> {
         step: p.step,
         total_steps: p.total_steps,
         losses: p.losses.iter().map(|(k, v)| (k.clone(), *v)).collect(),
-        timing: None,
+        timing: p.step_seconds.map(|seconds| {
+            let remaining = p.total_steps.saturating_sub(p.step);
+            pb::Timing {
+                step_time: Some(duration(seconds)),
+                eta: Some(duration(seconds * f64::from(remaining))),
+            }
+        }),
     })
+}
+
+fn duration(seconds: f64) -> prost_types::Duration {
+    let seconds = seconds.clamp(0.0, 1e9);
+    prost_types::Duration {
+        seconds: seconds.trunc() as i64,
+        nanos: (seconds.fract() * 1e9) as i32,
+    }
 }
 
 impl TrainerApi {

@@ -24,6 +24,8 @@ use super::request::TrainingRequest;
 
 /// How many times a job may be given back after transient failures before it fails.
 const MAX_ATTEMPTS: u32 = 5;
+/// Weight of the newest step in the step-time average.
+const STEP_TIME_SMOOTHING: f64 = 0.2;
 /// Between steps, how often the holder checks for a cancellation and renews its lease,
 /// and the most often it rewrites the job's status.
 const CHECK_INTERVAL: Duration = Duration::from_millis(500);
@@ -158,6 +160,7 @@ impl Worker {
             last_check: Cell::new(Instant::now()),
             last_status: Cell::new(Instant::now()),
             last_step: Cell::new(None),
+            step_seconds: Cell::new(None),
             lost: Cell::new(false),
         };
         let job = Job::new(
@@ -230,7 +233,10 @@ struct ServiceControl<'w> {
     status: RefCell<JobStatus>,
     last_check: Cell<Instant>,
     last_status: Cell<Instant>,
-    last_step: Cell<Option<Instant>>,
+    /// When and in which stage the last step ended.
+    last_step: Cell<Option<(Instant, Stage)>>,
+    /// Exponential moving average of this stage's step times.
+    step_seconds: Cell<Option<f64>>,
     lost: Cell<bool>,
 }
 
@@ -254,12 +260,19 @@ impl ServiceControl<'_> {
 impl JobControl for ServiceControl<'_> {
     fn step(&self, stage: Stage, step: usize, total: usize, losses: &[(&str, f64)]) {
         let now = Instant::now();
-        if let Some(previous) = self.last_step.replace(Some(now)) {
-            self.worker
-                .shared
-                .metrics
-                .step_seconds
-                .set((now - previous).as_secs_f64());
+        match self.last_step.replace(Some((now, stage))) {
+            Some((previous, previous_stage)) if previous_stage == stage => {
+                let seconds = (now - previous).as_secs_f64();
+                self.worker.shared.metrics.step_seconds.set(seconds);
+                // Smoothed, so a checkpoint or preview step does not swing the ETA.
+                let mean = match self.step_seconds.get() {
+                    Some(mean) => mean + STEP_TIME_SMOOTHING * (seconds - mean),
+                    None => seconds,
+                };
+                self.step_seconds.set(Some(mean));
+            }
+            // A new stage: its steps cost something else.
+            _ => self.step_seconds.set(None),
         }
         self.status.borrow_mut().progress = Some(TrainingProgress {
             stage: match stage {
@@ -273,6 +286,7 @@ impl JobControl for ServiceControl<'_> {
                 .filter(|(_, v)| v.is_finite())
                 .map(|(k, v)| (k.to_string(), *v))
                 .collect(),
+            step_seconds: self.step_seconds.get(),
         });
         if step == total || now - self.last_status.get() >= CHECK_INTERVAL {
             self.write_status();
