@@ -98,14 +98,7 @@ fn bad_input_is_refused_and_nothing_is_written() {
     std::fs::remove_file(fx.path("photos/notes.png")).unwrap();
 
     // An image whose header claims gigantic dimensions.
-    let mut png = Vec::new();
-    image::RgbImage::new(8, 8)
-        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
-        .unwrap();
-    png[16..20].copy_from_slice(&100_000u32.to_be_bytes());
-    png[20..24].copy_from_slice(&100_000u32.to_be_bytes());
-    let crc = crc32(&png[12..29]);
-    png[29..33].copy_from_slice(&crc.to_be_bytes());
+    let png = common::gigantic_png();
     std::fs::write(fx.path("photos/bomb.png"), &png).unwrap();
     assert_exit(&run(&fx.job("bomb", &store, ""), "bomb"), 65, "100000");
     std::fs::remove_file(fx.path("photos/bomb.png")).unwrap();
@@ -171,21 +164,4 @@ fn a_nan_loss_fails_the_job_without_writing_a_concept() {
     let store = fx.store_url();
     assert_exit(&run(&fx.job("nan", &store, ""), "nan"), 70, "NaN");
     assert!(list(&store, "concepts/").is_empty());
-}
-
-/// PNG's chunk checksum (CRC-32, polynomial 0xEDB88320), so the forged header is
-/// otherwise valid and the size limit, not a checksum error, must refuse it.
-fn crc32(bytes: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &byte in bytes {
-        crc ^= u32::from(byte);
-        for _ in 0..8 {
-            crc = if crc & 1 == 1 {
-                (crc >> 1) ^ 0xEDB8_8320
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
 }

@@ -104,33 +104,6 @@ fn large_png() -> Vec<u8> {
     bytes
 }
 
-/// An 8×8 PNG whose header claims 100000×100000 pixels, its checksum fixed up so the
-/// header is otherwise valid and only the size limit can refuse it (as `tests/run.rs`).
-fn bomb_png() -> Vec<u8> {
-    let mut bytes = png(&image::RgbImage::new(8, 8));
-    bytes[16..20].copy_from_slice(&100_000u32.to_be_bytes());
-    bytes[20..24].copy_from_slice(&100_000u32.to_be_bytes());
-    let crc = crc32(&bytes[12..29]);
-    bytes[29..33].copy_from_slice(&crc.to_be_bytes());
-    bytes
-}
-
-/// PNG's chunk checksum (CRC-32, polynomial 0xEDB88320).
-fn crc32(bytes: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &byte in bytes {
-        crc ^= u32::from(byte);
-        for _ in 0..8 {
-            crc = if crc & 1 == 1 {
-                (crc >> 1) ^ 0xEDB8_8320
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
-}
-
 /// Every hostile request, each otherwise a valid job on the fixture's photos.
 fn cases(photos: &[Vec<u8>]) -> Vec<Case> {
     let valid = || spec(photos, "", 6, 4, 3);
@@ -201,7 +174,7 @@ fn cases(photos: &[Vec<u8>]) -> Vec<Case> {
         ),
         case(
             "a PNG claiming 100000x100000 pixels (after a valid photo)",
-            with(&|spec| spec.images[1] = inline(bomb_png())),
+            with(&|spec| spec.images[1] = inline(common::gigantic_png())),
             invalid,
             &["spec.images[1]", "100000"],
         ),

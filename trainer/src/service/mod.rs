@@ -65,12 +65,7 @@ async fn serve_async(config: ServiceConfig) -> anyhow::Result<()> {
     let replica = replica_name(&config);
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_service_status("", ServingStatus::NotServing)
-        .await;
-    health
-        .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
-        .await;
+    set_health(&health, ServingStatus::NotServing).await;
 
     let shared = Arc::new(WorkerShared {
         shutdown: Default::default(),
@@ -147,12 +142,7 @@ async fn serve_async(config: ServiceConfig) -> anyhow::Result<()> {
     let readiness = async move {
         match ready_rx.await {
             Ok(Ok(())) => {
-                health_on_ready
-                    .set_service_status("", ServingStatus::Serving)
-                    .await;
-                health_on_ready
-                    .set_service_status(SERVICE_NAME, ServingStatus::Serving)
-                    .await;
+                set_health(&health_on_ready, ServingStatus::Serving).await;
                 metrics.ready.set(1);
                 tracing::info!("ready");
                 Ok(())
@@ -168,12 +158,7 @@ async fn serve_async(config: ServiceConfig) -> anyhow::Result<()> {
     let shutdown = async move {
         wait_for_signal().await;
         tracing::warn!("shutting down: NOT_SERVING, checkpointing the running job");
-        health
-            .set_service_status("", ServingStatus::NotServing)
-            .await;
-        health
-            .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
-            .await;
+        set_health(&health, ServingStatus::NotServing).await;
         stopping.shutdown.store(true, Ordering::SeqCst);
         stopping.wake();
         let joined = tokio::task::spawn_blocking(move || worker_thread.join());
@@ -189,6 +174,12 @@ async fn serve_async(config: ServiceConfig) -> anyhow::Result<()> {
         ready = readiness => ready?,
     }
     server.await.map_err(Into::into)
+}
+
+/// The whole server (`""`) and the trainer service report the same health.
+async fn set_health(health: &tonic_health::server::HealthReporter, status: ServingStatus) {
+    health.set_service_status("", status).await;
+    health.set_service_status(SERVICE_NAME, status).await;
 }
 
 /// rustls panics at the first handshake when more than one crypto provider is

@@ -124,3 +124,34 @@ pub fn list(store: &str, prefix: &str) -> Vec<String> {
         .map(|o| o.path)
         .collect()
 }
+
+/// An 8×8 PNG whose header claims 100000×100000 pixels, its checksum fixed up so the
+/// header is otherwise valid and only the size limit, not a checksum error, can
+/// refuse it.
+pub fn gigantic_png() -> Vec<u8> {
+    let mut png = Vec::new();
+    image::RgbImage::new(8, 8)
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .unwrap();
+    png[16..20].copy_from_slice(&100_000u32.to_be_bytes());
+    png[20..24].copy_from_slice(&100_000u32.to_be_bytes());
+    let crc = crc32(&png[12..29]);
+    png[29..33].copy_from_slice(&crc.to_be_bytes());
+    png
+}
+
+/// PNG's chunk checksum (CRC-32, polynomial 0xEDB88320).
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &byte in bytes {
+        crc ^= u32::from(byte);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
