@@ -5,6 +5,7 @@
 //! - [`schedule`]: the training noise schedule and the samplers.
 
 pub mod artifact;
+pub mod base_model;
 pub mod dataset;
 pub mod error;
 pub mod generate;

@@ -2,7 +2,6 @@
 //! systems and Kubernetes Jobs), with exit codes that separate input a retry cannot
 //! fix from transient failures.
 
-mod base_model;
 mod exit;
 mod job;
 mod job_store;

@@ -33,11 +33,11 @@ use sha2::{Digest, Sha256};
 use tch::{Device, Kind, Tensor};
 use tokio::runtime::{Handle, Runtime};
 
-use crate::base_model::{parse_device, BaseModel};
 use crate::exit::JobFailure;
 use crate::job::JobSpec;
 use crate::previews::{preview_name, PreviewPlan};
 use crate::progress::Progress;
+use coreg::base_model::{parse_device, BaseModel};
 
 /// Most photos a job may train on, and the fewest (the paper uses 3–10).
 pub const MAX_IMAGES: usize = 20;

@@ -10,13 +10,13 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use tokio::runtime::Handle;
 
-use crate::base_model::{parse_device, BaseModel};
 use crate::exit::JobFailure;
 use crate::job::{ModelSpec, StoreSpec};
 use crate::job_store::{
     self, JobState, JobStatus, JobStore, Lease, StoredSpec, TrainingProgress, TrainingStage,
 };
 use crate::pipeline::{Job, JobControl, Stage, StopReason};
+use coreg::base_model::{parse_device, BaseModel};
 
 use super::config::ServiceConfig;
 use super::metrics::Metrics;

@@ -1,18 +1,18 @@
-//! The base Stable Diffusion 2.1 model a trainer trains on: loaded once (the service
-//! keeps it for every job), with an untouched copy of the U-Net's weights so that
-//! stage 2's fine-tuning of one job never leaks into the next.
+//! The base Stable Diffusion 2.1 model a service holds: loaded once, with an untouched
+//! copy of the U-Net's weights, so that neither one trainer job's stage-2 fine-tuning
+//! nor one sampler concept's U-Net delta ever leaks into the next.
 
 use std::path::Path;
 
-use coreg::artifact::unet_delta::{self, Parameters};
-use coreg::artifact::UNetDelta;
-use coreg::model::clip::ClipTextTransformer;
-use coreg::model::tokenizer::ClipTokenizer;
-use coreg::model::unet::UNet2DConditionModel;
-use coreg::model::vae::AutoencoderKl;
-use coreg::model::{Component, LoadOptions, ModelFolder};
-use coreg::schedule::NoiseSchedule;
-use coreg::Result;
+use crate::artifact::unet_delta::{self, Parameters};
+use crate::artifact::UNetDelta;
+use crate::model::clip::ClipTextTransformer;
+use crate::model::tokenizer::ClipTokenizer;
+use crate::model::unet::UNet2DConditionModel;
+use crate::model::vae::AutoencoderKl;
+use crate::model::{Component, LoadOptions, ModelFolder};
+use crate::schedule::NoiseSchedule;
+use crate::Result;
 use tch::{Device, Kind, Tensor};
 
 pub struct BaseModel {
@@ -49,7 +49,7 @@ impl BaseModel {
     pub fn load(path: &Path, device: Device, variant: Option<String>) -> Result<Self> {
         if let Device::Cuda(n) = device {
             if !tch::Cuda::is_available() || n >= tch::Cuda::device_count() as usize {
-                return Err(coreg::Error::InvalidInput(format!(
+                return Err(crate::Error::InvalidInput(format!(
                     "CUDA device {n} is not available on this machine"
                 )));
             }
@@ -93,7 +93,7 @@ impl BaseModel {
         self.unet.model.check_inputs(&latents, &t, &context)?;
         let out = self.unet.model.forward(&latents, &t, &context);
         if out.isfinite().all().int64_value(&[]) == 0 {
-            return Err(coreg::Error::InvalidInput(
+            return Err(crate::Error::InvalidInput(
                 "the base U-Net's warm-up output is not finite".into(),
             ));
         }
@@ -108,6 +108,16 @@ impl BaseModel {
     /// puts the base weights back.
     pub fn mark_unet_trained(&mut self) {
         self.unet_modified = true;
+    }
+
+    /// Sets the U-Net to the base weights plus a concept's `delta` (frozen). Every
+    /// weight is rewritten from the untouched base copy, so any number of switches
+    /// between concepts leaves no drift; [`BaseModel::restore_unet`] undoes it.
+    pub fn use_unet_delta(&mut self, delta: &UNetDelta) -> Result<()> {
+        self.unet_modified = true;
+        delta.apply(&self.base_unet, &mut self.unet.vars)?;
+        self.unet.vars.freeze();
+        Ok(())
     }
 
     /// Puts the base weights back (frozen) if a job trained them.

@@ -1,0 +1,271 @@
+//! Personalized generation: a concept's learned token S* and U-Net delta on the base
+//! model, and for each prompt, optionally, CoRe's test-time optimization of S* first
+//! (method.md, "Test-time optimization"). The one-shot `generate` command runs it
+//! now; the gRPC service will run the same on its model thread.
+
+use std::ops::ControlFlow;
+
+use coreg::artifact::LoadedConcept;
+use coreg::base_model::BaseModel;
+use coreg::generate::{seeded_noise, Generation, GenerationParams, Pipeline};
+use coreg::images::tensor_to_png;
+use coreg::method::prompts::SLOT;
+use coreg::method::tto::{TestTimeOptimizer, TtoConfig, TtoModels, TtoStepLosses};
+use coreg::model::tokenizer::ClipTokenizer;
+use coreg::{Error, Result};
+use tch::Tensor;
+
+/// The most prompts and images one request may ask for.
+pub const MAX_PROMPTS: usize = 16;
+pub const MAX_IMAGES_PER_PROMPT: usize = 8;
+
+/// A concept in use: its delta is in the model's U-Net and its token is known to a
+/// copy of the base tokenizer. The stored concept is only read, never changed.
+pub struct ActiveConcept {
+    pub name: String,
+    pub version: String,
+    /// The placeholder prompts name the concept by, e.g. `<toy>`.
+    pub token: String,
+    /// The super-category word test-time optimization compares the context against.
+    pub category: String,
+    tokenizer: ClipTokenizer,
+    token_id: i64,
+    /// S* [D], fp32 on the CPU.
+    embedding: Tensor,
+    /// The training photos' latents [N, C, h, w], which test-time optimization noises.
+    training_latents: Tensor,
+}
+
+impl ActiveConcept {
+    /// Applies `concept`'s U-Net delta to `model` (from the untouched base weights, so
+    /// the previous concept leaves nothing behind) and adds its token.
+    pub fn activate(model: &mut BaseModel, concept: &LoadedConcept) -> Result<ActiveConcept> {
+        let embedding = concept.embedding.vector();
+        let hidden = model.text_encoder.model.hidden_size();
+        if embedding.size() != [hidden] {
+            return Err(Error::InvalidInput(format!(
+                "concept {}/{}: its embedding has {} dimensions, the text encoder {hidden}",
+                concept.manifest.concept,
+                concept.manifest.version,
+                concept.embedding.dim()
+            )));
+        }
+        let token = concept.embedding.token().to_string();
+        let mut tokenizer = model.tokenizer.clone();
+        let token_id = tokenizer.add_placeholder(&token)?;
+        model.use_unet_delta(&concept.unet_delta)?;
+        Ok(ActiveConcept {
+            name: concept.manifest.concept.clone(),
+            version: concept.manifest.version.clone(),
+            token,
+            category: concept.manifest.super_category.clone(),
+            tokenizer,
+            token_id,
+            embedding,
+            training_latents: concept.training_latents.shallow_clone(),
+        })
+    }
+
+    /// `prompt` with `{}` standing for the concept's token; the result must name the
+    /// concept, or the concept would be loaded for nothing.
+    pub fn resolve_prompt(&self, prompt: &str) -> Result<String> {
+        let resolved = prompt.replace(SLOT, &self.token);
+        if !resolved.contains(&self.token) {
+            return Err(Error::InvalidInput(format!(
+                "prompt {prompt:?} does not name the concept: write {} or {SLOT} where it goes",
+                self.token
+            )));
+        }
+        Ok(resolved)
+    }
+}
+
+/// What to generate.
+#[derive(Debug, Clone)]
+pub struct ImageRequest {
+    pub prompts: Vec<String>,
+    /// diffusers' default, the empty prompt, when not given.
+    pub negative_prompt: String,
+    pub images_per_prompt: usize,
+    /// One seed per image, prompt-major: image `j` of prompt `i` uses
+    /// `seeds[i * images_per_prompt + j]`.
+    pub seeds: Vec<u64>,
+    pub params: GenerationParams,
+    /// Test-time optimization before each prompt; needs a concept.
+    pub tto: Option<TtoConfig>,
+}
+
+impl ImageRequest {
+    pub fn image_count(&self) -> usize {
+        self.prompts.len() * self.images_per_prompt
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let invalid = |message: String| Err(Error::InvalidInput(message));
+        if self.prompts.is_empty() || self.prompts.len() > MAX_PROMPTS {
+            return invalid(format!(
+                "{} prompts; a request has 1 to {MAX_PROMPTS}",
+                self.prompts.len()
+            ));
+        }
+        if self.images_per_prompt == 0 || self.images_per_prompt > MAX_IMAGES_PER_PROMPT {
+            return invalid(format!(
+                "{} images per prompt; the range is 1 to {MAX_IMAGES_PER_PROMPT}",
+                self.images_per_prompt
+            ));
+        }
+        if self.seeds.len() != self.image_count() {
+            return invalid(format!(
+                "{} seeds for {} images",
+                self.seeds.len(),
+                self.image_count()
+            ));
+        }
+        if let Some(tto) = &self.tto {
+            tto.validate()?;
+        }
+        self.params.validate()
+    }
+}
+
+/// One finished image.
+#[derive(Debug, Clone)]
+pub struct RenderedImage {
+    /// Its place in the request, prompt-major.
+    pub index: usize,
+    /// The prompt as the model saw it (`{}` replaced by the token).
+    pub prompt: String,
+    pub seed: u64,
+    pub png: Vec<u8>,
+}
+
+/// How far a request is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// Test-time optimization of prompt `prompt` finished.
+    Optimized { prompt: usize },
+    /// Denoising step `step` of `total` for prompt `prompt`'s images.
+    Denoised {
+        prompt: usize,
+        step: usize,
+        total: usize,
+    },
+}
+
+/// How a request ended.
+#[derive(Debug)]
+pub enum Rendered {
+    Completed {
+        images: Vec<RenderedImage>,
+        /// Per prompt, the test-time losses when it ran.
+        tto_losses: Vec<Vec<TtoStepLosses>>,
+    },
+    /// `progress` asked to stop; the images of prompts already finished.
+    Cancelled { images: Vec<RenderedImage> },
+}
+
+/// Generates `request` on `model`, with `concept` (whose delta must be the one in
+/// `model`'s U-Net: see [`ActiveConcept::activate`]) or on the base model alone.
+/// Prompts are generated one after the other, all images of a prompt in one batch.
+pub fn render(
+    model: &BaseModel,
+    concept: Option<&ActiveConcept>,
+    request: &ImageRequest,
+    mut progress: impl FnMut(Progress) -> ControlFlow<()>,
+) -> Result<Rendered> {
+    request.validate()?;
+    if request.tto.is_some() && concept.is_none() {
+        return Err(Error::InvalidInput(
+            "test-time optimization needs a concept".into(),
+        ));
+    }
+    let prompts = request
+        .prompts
+        .iter()
+        .map(|p| concept.map_or_else(|| Ok(p.clone()), |c| c.resolve_prompt(p)))
+        .collect::<Result<Vec<_>>>()?;
+    let pipeline = Pipeline {
+        tokenizer: concept.map_or(&model.tokenizer, |c| &c.tokenizer),
+        text_encoder: &model.text_encoder,
+        unet: &model.unet,
+        vae: &model.vae,
+        scheduler: &model.folder.scheduler,
+    };
+    let channels = model.unet.model.in_channels();
+    let per_prompt = request.images_per_prompt;
+    let mut images = Vec::with_capacity(request.image_count());
+    let mut tto_losses = Vec::new();
+    for (i, prompt) in prompts.iter().enumerate() {
+        let seeds = &request.seeds[i * per_prompt..(i + 1) * per_prompt];
+        let embedding = match (concept, &request.tto) {
+            (Some(concept), Some(config)) => {
+                let optimizer = TestTimeOptimizer::new(
+                    *config,
+                    TtoModels {
+                        text_encoder: &model.text_encoder,
+                        unet: &model.unet,
+                        schedule: &model.schedule,
+                    },
+                    &concept.tokenizer,
+                    prompt,
+                    &concept.token,
+                    &concept.category,
+                )?;
+                // The prompt's first seed also draws the test-time batches, so a
+                // request is reproducible from its seeds alone.
+                let result = optimizer.run_seeded(
+                    &concept.embedding,
+                    &concept.training_latents,
+                    seeds[0],
+                )?;
+                tto_losses.push(result.losses);
+                if progress(Progress::Optimized { prompt: i }).is_break() {
+                    return Ok(Rendered::Cancelled { images });
+                }
+                Some(result.embedding)
+            }
+            (Some(concept), None) => Some(concept.embedding.shallow_clone()),
+            (None, _) => None,
+        };
+        let placeholders: Vec<(i64, &Tensor)> = match (concept, &embedding) {
+            (Some(concept), Some(embedding)) => vec![(concept.token_id, embedding)],
+            _ => Vec::new(),
+        };
+        let batch: Vec<&str> = vec![prompt.as_str(); per_prompt];
+        let conditioning =
+            pipeline.encode_prompts(&batch, &request.negative_prompt, &placeholders)?;
+        let noise = seeded_noise(seeds, channels, &request.params);
+        let generation =
+            pipeline.generate(&conditioning, &request.params, &noise, |step, total| {
+                progress(Progress::Denoised {
+                    prompt: i,
+                    step,
+                    total,
+                })
+            })?;
+        let Generation::Completed(generated) = generation else {
+            return Ok(Rendered::Cancelled { images });
+        };
+        for (j, &seed) in seeds.iter().enumerate() {
+            if generated
+                .latents
+                .get(j as i64)
+                .isfinite()
+                .all()
+                .int64_value(&[])
+                == 0
+            {
+                return Err(Error::InvalidInput(format!(
+                    "image {j} of prompt {prompt:?} (seed {seed}) diverged to NaN/Inf"
+                )));
+            }
+            images.push(RenderedImage {
+                index: i * per_prompt + j,
+                prompt: prompt.clone(),
+                seed,
+                png: tensor_to_png(&generated.images.get(j as i64))?,
+            });
+        }
+    }
+    Ok(Rendered::Completed { images, tto_losses })
+}
