@@ -269,3 +269,127 @@ pub fn render(
     }
     Ok(Rendered::Completed { images, tto_losses })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use coreg::artifact::unet_delta::{snapshot, Parameters};
+    use coreg::artifact::{
+        base_model_identity, read_concept, write_concept, ConceptArtifacts, LearnedEmbedding,
+        LossHistory, UNetDelta,
+    };
+    use coreg::model::random::{write_random_model, ModelSize};
+    use coreg::schedule::{PredictionType, SamplerKind};
+    use coreg::store::Store;
+    use tch::{Device, Kind};
+
+    /// A concept `name` on `model`: the word "dog" nudged, every U-Net weight nudged.
+    fn concept(model: &BaseModel, store: &Store, name: &str, seed: i64) -> LoadedConcept {
+        tch::manual_seed(seed);
+        let dog = model.tokenizer.single_token_id("dog").unwrap();
+        let word = tch::no_grad(|| {
+            model
+                .text_encoder
+                .model
+                .token_embedding(&Tensor::from_slice(&[dog]))
+                .get(0)
+        });
+        let base = model.base_unet();
+        let tuned: Parameters = base
+            .iter()
+            .map(|(k, t)| (k.clone(), t + Tensor::randn_like(t) * 1e-2))
+            .collect();
+        let artifacts = ConceptArtifacts {
+            embedding: LearnedEmbedding::new(
+                &format!("<{name}>"),
+                &(&word + Tensor::randn_like(&word) * 0.05),
+            )
+            .unwrap(),
+            unet_delta: UNetDelta::exact(base, &tuned).unwrap(),
+            training_latents: Tensor::randn([2, 4, 8, 8], (Kind::Float, Device::Cpu)),
+            super_category: "dog".into(),
+            base_model: base_model_identity(&model.folder).unwrap(),
+            hyper_parameters: serde_json::json!({}),
+            seed: 0,
+            losses: LossHistory::default(),
+        };
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime
+            .block_on(write_concept(store, name, "v1", artifacts))
+            .unwrap();
+        runtime.block_on(read_concept(store, name, "v1")).unwrap()
+    }
+
+    fn pngs(model: &BaseModel, concept: &ActiveConcept) -> Vec<Vec<u8>> {
+        let request = ImageRequest {
+            prompts: vec!["a photo of a {}".into()],
+            negative_prompt: String::new(),
+            images_per_prompt: 2,
+            seeds: vec![5, 6],
+            params: GenerationParams {
+                steps: 3,
+                height: 32,
+                width: 32,
+                sampler: SamplerKind::Ddim,
+                ..GenerationParams::default()
+            },
+            tto: None,
+        };
+        match render(
+            model,
+            Some(concept),
+            &request,
+            |_| ControlFlow::Continue(()),
+        )
+        .unwrap()
+        {
+            Rendered::Completed { images, .. } => images.into_iter().map(|i| i.png).collect(),
+            Rendered::Cancelled { .. } => panic!("nothing cancelled it"),
+        }
+    }
+
+    /// Switching concepts back and forth rewrites the U-Net from the untouched base
+    /// each time: A after B is A exactly, and the base comes back bit for bit.
+    #[test]
+    fn switching_concepts_a_b_a_gives_identical_images_and_no_drift() {
+        let dir = tempfile::tempdir().unwrap();
+        write_random_model(dir.path(), ModelSize::Tiny, PredictionType::Epsilon, 0).unwrap();
+        let mut model = BaseModel::load(dir.path(), Device::Cpu, None).unwrap();
+        let store = Store::open("memory:///", Vec::<(String, String)>::new()).unwrap();
+        let a = concept(&model, &store, "a", 1);
+        let b = concept(&model, &store, "b", 2);
+
+        let active = ActiveConcept::activate(&mut model, &a).unwrap();
+        let first = pngs(&model, &active);
+        let active = ActiveConcept::activate(&mut model, &b).unwrap();
+        let other = pngs(&model, &active);
+        for _ in 0..5 {
+            ActiveConcept::activate(&mut model, &b).unwrap();
+            ActiveConcept::activate(&mut model, &a).unwrap();
+        }
+        let active = ActiveConcept::activate(&mut model, &a).unwrap();
+        let again = pngs(&model, &active);
+        assert_eq!(first, again, "concept A must render the same after B");
+        assert_ne!(first, other, "concepts A and B must differ");
+
+        model.restore_unet().unwrap();
+        let now = snapshot(&model.unet.vars, Device::Cpu).unwrap();
+        for (name, base) in model.base_unet() {
+            assert!(now[name].equal(base), "{name} drifted from the base");
+        }
+    }
+
+    #[test]
+    fn a_prompt_must_name_the_concept() {
+        let dir = tempfile::tempdir().unwrap();
+        write_random_model(dir.path(), ModelSize::Tiny, PredictionType::Epsilon, 0).unwrap();
+        let mut model = BaseModel::load(dir.path(), Device::Cpu, None).unwrap();
+        let store = Store::open("memory:///", Vec::<(String, String)>::new()).unwrap();
+        let a = concept(&model, &store, "a", 1);
+        let active = ActiveConcept::activate(&mut model, &a).unwrap();
+        assert_eq!(active.resolve_prompt("a {} here").unwrap(), "a <a> here");
+        assert_eq!(active.resolve_prompt("a <a> here").unwrap(), "a <a> here");
+        let error = active.resolve_prompt("a dog").unwrap_err().to_string();
+        assert!(error.contains("does not name the concept"), "{error}");
+    }
+}
