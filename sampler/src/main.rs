@@ -2,8 +2,6 @@
 //! test-time optimization per prompt. `generate` is the one-shot mode for scripts;
 //! the gRPC service (`serve`) is the next step (see the README's status table).
 
-mod personalized;
-
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -17,7 +15,7 @@ use coreg::optim::AdamWConfig;
 use coreg::schedule::SamplerKind;
 use coreg::store::Store;
 
-use personalized::{render, ActiveConcept, ImageRequest, Progress, Rendered};
+use coreg_sampler::personalized::{self, render, ActiveConcept, ImageRequest, Progress, Rendered};
 
 #[derive(Parser)]
 #[command(name = "coreg-sampler", version)]

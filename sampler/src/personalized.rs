@@ -129,7 +129,7 @@ impl ImageRequest {
 }
 
 /// One finished image.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct RenderedImage {
     /// Its place in the request, prompt-major.
     pub index: usize,
@@ -137,6 +137,10 @@ pub struct RenderedImage {
     pub prompt: String,
     pub seed: u64,
     pub png: Vec<u8>,
+    /// The final latents [C, H/8, W/8], in the U-Net's scale (for parity checks).
+    pub latents: Tensor,
+    /// The decoded image [3, H, W] in [−1, 1], before 8-bit quantization.
+    pub image: Tensor,
 }
 
 /// How far a request is.
@@ -259,11 +263,14 @@ pub fn render(
                     "image {j} of prompt {prompt:?} (seed {seed}) diverged to NaN/Inf"
                 )));
             }
+            let image = generated.images.get(j as i64);
             images.push(RenderedImage {
                 index: i * per_prompt + j,
                 prompt: prompt.clone(),
                 seed,
-                png: tensor_to_png(&generated.images.get(j as i64))?,
+                png: tensor_to_png(&image)?,
+                latents: generated.latents.get(j as i64).to_device(tch::Device::Cpu),
+                image,
             });
         }
     }
