@@ -56,7 +56,7 @@ enum Command {
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Run { job, job_id } => {
-            init_logging(false);
+            coreg_serving::init_logging(false, "info");
             exit::report(pipeline::run_job_file(&job, job_id))
         }
         Command::Serve { config } => {
@@ -67,7 +67,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(64);
                 }
             };
-            init_logging(config.log_format == "json");
+            coreg_serving::init_logging(config.log_format == "json", "info");
             match service::serve(config) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -76,18 +76,5 @@ fn main() -> ExitCode {
                 }
             }
         }
-    }
-}
-
-fn init_logging(json: bool) {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
     }
 }

@@ -1,44 +1,12 @@
-//! Prometheus metrics on their own port (`GET /metrics`, text format 0.0.4): jobs by
+//! The trainer's Prometheus metrics (exported by [`coreg_serving::metrics`]): jobs by
 //! state as this replica saw them end, the queue depth, whether a job is running, the
-//! last step time, and readiness. Plain atomics: the model thread updates them without
-//! locks and the exporter only reads.
+//! last step time, and readiness.
 
-use std::fmt::Write as _;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use coreg_serving::metrics::{Exposition, FloatGauge, Gauge, Render};
 
 use crate::job_store::JobState;
-
-#[derive(Default)]
-pub struct Gauge(AtomicI64);
-
-impl Gauge {
-    pub fn set(&self, value: i64) {
-        self.0.store(value, Ordering::Relaxed);
-    }
-
-    fn get(&self) -> i64 {
-        self.0.load(Ordering::Relaxed)
-    }
-}
-
-/// A floating-point gauge, stored as its bits.
-#[derive(Default)]
-pub struct FloatGauge(AtomicU64);
-
-impl FloatGauge {
-    pub fn set(&self, value: f64) {
-        self.0.store(value.to_bits(), Ordering::Relaxed);
-    }
-
-    fn get(&self) -> f64 {
-        f64::from_bits(self.0.load(Ordering::Relaxed))
-    }
-}
 
 #[derive(Default)]
 pub struct Metrics {
@@ -62,95 +30,50 @@ impl Metrics {
         };
         counter.fetch_add(1, Ordering::Relaxed);
     }
+}
 
-    pub fn render(&self) -> String {
-        let mut out = String::new();
-        let mut gauge = |name: &str, help: &str, value: String| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
-            );
-        };
-        gauge(
+impl Render for Metrics {
+    fn render(&self) -> String {
+        let mut out = Exposition::default();
+        out.gauge(
             "coreg_trainer_ready",
             "1 once the base model is loaded and warmed up.",
-            self.ready.get().to_string(),
+            self.ready.get(),
         );
-        gauge(
+        out.gauge(
             "coreg_trainer_running_jobs",
             "Jobs this replica is training now (0 or 1).",
-            self.running.get().to_string(),
+            self.running.get(),
         );
-        gauge(
+        out.gauge(
             "coreg_trainer_queue_depth",
             "Jobs not yet final in the shared store, at the last look.",
-            self.queue_depth.get().to_string(),
+            self.queue_depth.get(),
         );
-        gauge(
+        out.gauge(
             "coreg_trainer_step_seconds",
             "Wall time of the last training step.",
-            self.step_seconds.get().to_string(),
+            self.step_seconds.get(),
         );
-        let _ = writeln!(
-            out,
-            "# HELP coreg_trainer_jobs_ended_total Jobs this replica ended, by final state.\n\
-             # TYPE coreg_trainer_jobs_ended_total counter"
+        let count = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        out.counter(
+            "coreg_trainer_jobs_ended_total",
+            "Jobs this replica ended, by final state.",
+            Some("state"),
+            &[
+                ("succeeded", count(&self.succeeded)),
+                ("failed", count(&self.failed)),
+                ("cancelled", count(&self.cancelled)),
+            ],
         );
-        for (state, counter) in [
-            ("succeeded", &self.succeeded),
-            ("failed", &self.failed),
-            ("cancelled", &self.cancelled),
-        ] {
-            let _ = writeln!(
-                out,
-                "coreg_trainer_jobs_ended_total{{state=\"{state}\"}} {}",
-                counter.load(Ordering::Relaxed)
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP coreg_trainer_jobs_created_total Jobs created through this replica.\n\
-             # TYPE coreg_trainer_jobs_created_total counter\n\
-             coreg_trainer_jobs_created_total {}",
-            self.jobs_created.load(Ordering::Relaxed)
+        out.counter(
+            "coreg_trainer_jobs_created_total",
+            "Jobs created through this replica.",
+            None,
+            &[("", count(&self.jobs_created))],
         );
-        out
+        out.finish()
     }
-}
-
-/// Serves `GET /metrics` (anything else is 404) until the task is dropped. A minimal
-/// HTTP/1.1 responder is enough for a scraper and keeps the dependency list short.
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
-    loop {
-        let Ok((mut socket, _)) = listener.accept().await else {
-            continue;
-        };
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let mut request = vec![0u8; 4096];
-            let n = match socket.read(&mut request).await {
-                Ok(n) => n,
-                Err(_) => return,
-            };
-            let head = String::from_utf8_lossy(&request[..n]);
-            let (status, body) = if head.starts_with("GET /metrics ") {
-                ("200 OK", metrics.render())
-            } else {
-                ("404 Not Found", "not found\n".to_string())
-            };
-            let response = format!(
-                "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\n\
-                 content-length: {}\r\nconnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = socket.write_all(response.as_bytes()).await;
-        });
-    }
-}
-
-/// Binds the metrics port; an error names the address.
-pub async fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(address).await
 }
 
 #[cfg(test)]

@@ -5,7 +5,6 @@
 //! the running job checkpoints and is given back.
 
 mod api;
-mod auth;
 pub mod config;
 mod metrics;
 mod request;
@@ -18,8 +17,9 @@ use std::sync::Arc;
 use coreg::model::ModelFolder;
 use coreg::store::Store;
 use coreg_proto::v1::trainer_service_server::TrainerServiceServer;
+use coreg_serving::auth::BearerAuth;
+use coreg_serving::server::{self, Health};
 use tokio::sync::Semaphore;
-use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
 
 use crate::job_store::JobStore;
@@ -64,8 +64,7 @@ async fn serve_async(config: ServiceConfig) -> anyhow::Result<()> {
     let jobs = JobStore::new(store);
     let replica = replica_name(&config);
 
-    let (health, health_service) = tonic_health::server::health_reporter();
-    set_health(&health, ServingStatus::NotServing).await;
+    let (health, health_service) = Health::new(SERVICE_NAME).await;
 
     let shared = Arc::new(WorkerShared {
         shutdown: Default::default(),
@@ -73,15 +72,10 @@ async fn serve_async(config: ServiceConfig) -> anyhow::Result<()> {
         metrics: Default::default(),
     });
     if let Some(address) = config.metrics_listen {
-        let listener = metrics::bind(address)
+        let bound = coreg_serving::metrics::spawn_exporter(address, shared.metrics.clone())
             .await
             .map_err(|e| anyhow::anyhow!("metrics_listen {address}: {e}"))?;
-        let address = listener.local_addr()?;
-        tracing::info!(%address, "metrics listening");
-        // On stdout too, like the gRPC address: with port 0 it is how a supervisor
-        // (or a test) learns the port.
-        println!("metrics on {address}");
-        tokio::spawn(metrics::serve(listener, shared.metrics.clone()));
+        server::announce_metrics(bound);
     }
 
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
@@ -107,30 +101,13 @@ async fn serve_async(config: ServiceConfig) -> anyhow::Result<()> {
         .max_decoding_message_size(config.limits.max_request_bytes)
         .max_encoding_message_size(config.limits.max_request_bytes);
     let trainer =
-        tonic::service::interceptor::InterceptedService::new(trainer, auth::BearerAuth::new(token));
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(coreg_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+        tonic::service::interceptor::InterceptedService::new(trainer, BearerAuth::new(token));
+    let reflection = server::reflection(&[coreg_proto::FILE_DESCRIPTOR_SET])?;
 
     // TLS first: a bad certificate stops the start before the address is announced.
-    let mut builder = Server::builder();
-    if let Some(tls) = &config.tls {
-        install_crypto_provider();
-        let cert = std::fs::read(&tls.cert)
-            .map_err(|e| anyhow::anyhow!("tls.cert {}: {e}", tls.cert.display()))?;
-        let key = std::fs::read(&tls.key)
-            .map_err(|e| anyhow::anyhow!("tls.key {}: {e}", tls.key.display()))?;
-        builder =
-            builder.tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))?;
-    }
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("listen {}: {e}", config.listen))?;
-    let address = listener.local_addr()?;
-    // Tests and supervisors read the bound address (the port may be 0) from here.
-    println!("listening on {address}");
-    tracing::info!(%address, %replica, "gRPC listening");
+    let mut builder = server::builder(config.tls.as_ref())?;
+    let listener = server::bind_announced(config.listen).await?;
+    tracing::info!(%replica, "replica");
 
     let router = builder
         .add_service(health_service)
@@ -142,7 +119,7 @@ async fn serve_async(config: ServiceConfig) -> anyhow::Result<()> {
     let readiness = async move {
         match ready_rx.await {
             Ok(Ok(())) => {
-                set_health(&health_on_ready, ServingStatus::Serving).await;
+                health_on_ready.set(ServingStatus::Serving).await;
                 metrics.ready.set(1);
                 tracing::info!("ready");
                 Ok(())
@@ -156,9 +133,9 @@ async fn serve_async(config: ServiceConfig) -> anyhow::Result<()> {
     let grace = config.shutdown_grace();
     let stopping = shared.clone();
     let shutdown = async move {
-        wait_for_signal().await;
+        server::wait_for_signal().await;
         tracing::warn!("shutting down: NOT_SERVING, checkpointing the running job");
-        set_health(&health, ServingStatus::NotServing).await;
+        health.set(ServingStatus::NotServing).await;
         stopping.shutdown.store(true, Ordering::SeqCst);
         stopping.wake();
         let joined = tokio::task::spawn_blocking(move || worker_thread.join());
@@ -174,33 +151,6 @@ async fn serve_async(config: ServiceConfig) -> anyhow::Result<()> {
         ready = readiness => ready?,
     }
     server.await.map_err(Into::into)
-}
-
-/// The whole server (`""`) and the trainer service report the same health.
-async fn set_health(health: &tonic_health::server::HealthReporter, status: ServingStatus) {
-    health.set_service_status("", status).await;
-    health.set_service_status(SERVICE_NAME, status).await;
-}
-
-/// rustls panics at the first handshake when more than one crypto provider is
-/// compiled in (tonic brings ring, object_store's HTTP client aws-lc-rs) and none was
-/// chosen. Choose ring, once per process; a provider already installed is kept.
-pub fn install_crypto_provider() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
 }
 
 /// Reads the configuration for `serve`.

@@ -1,4 +1,4 @@
-//! Optional bearer-token authentication for the trainer's API (health and reflection
+//! Optional bearer-token authentication for a service's API (health and reflection
 //! are separate services and stay open, so probes work without the token).
 
 use std::sync::Arc;
