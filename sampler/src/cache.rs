@@ -8,6 +8,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
+use coreg::artifact::manifest::Manifest;
 use coreg::artifact::LoadedConcept;
 
 /// A concept version: (name, version).
@@ -20,7 +21,45 @@ pub fn concept_bytes(concept: &LoadedConcept) -> u64 {
 }
 
 /// Concepts by version, within a byte budget.
-pub type ConceptCache = ByteBudgetLru<ConceptKey, Arc<LoadedConcept>>;
+pub type ConceptCache = ByteBudgetLru<ConceptKey, Arc<SharedConcept>>;
+
+/// A verified concept that the gRPC tasks hold and pass around (reading only its
+/// manifest) and the model thread generates with.
+pub struct SharedConcept(LoadedConcept);
+
+// SAFETY: tch marks tensors `Send` but not `Sync` because a `&Tensor` can reach
+// libtorch's in-place operations. A `SharedConcept`'s tensors are never written after
+// `read_concept` built them: the model thread only reads them (the embedding is
+// copied, the delta is added into the U-Net's own variables), and the gRPC tasks touch
+// only the plain-data manifest. Concurrent reads of an unchanging tensor, and
+// libtorch's atomic reference counts, are thread-safe.
+unsafe impl Sync for SharedConcept {}
+
+impl SharedConcept {
+    pub fn new(concept: LoadedConcept) -> Self {
+        SharedConcept(concept)
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.0.manifest
+    }
+
+    /// The placeholder token prompts name the concept by.
+    pub fn token(&self) -> &str {
+        self.0.embedding.token()
+    }
+
+    /// The tensors, for the model thread (see the `Sync` note above: read, never
+    /// written).
+    pub fn loaded(&self) -> &LoadedConcept {
+        &self.0
+    }
+
+    /// What it costs in the cache.
+    pub fn bytes(&self) -> u64 {
+        concept_bytes(&self.0)
+    }
+}
 
 /// Values by key, each with its size in bytes; the least recently used go first when
 /// a new one does not fit in the budget.

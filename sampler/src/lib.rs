@@ -5,3 +5,4 @@
 
 pub mod cache;
 pub mod personalized;
+pub mod service;

@@ -1,6 +1,6 @@
 //! `coreg-sampler`: images of a learned concept in any scene, optionally with CoRe's
-//! test-time optimization per prompt. `generate` is the one-shot mode for scripts;
-//! the gRPC service (`serve`) is the next step (see the README's status table).
+//! test-time optimization per prompt. `serve` is the gRPC service
+//! (`coreg.v1.SamplerService`); `generate` is the one-shot mode for scripts.
 
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
@@ -32,7 +32,17 @@ enum Command {
     /// 66 the concept or model is not there; 70 generation failed (e.g. NaN);
     /// 73 the output cannot be written; 74 a concept blob is corrupt (its digest does
     /// not match); 75 the store is unavailable (a retry may succeed).
-    Generate(GenerateArgs),
+    Generate(Box<GenerateArgs>),
+    /// Serve the gRPC generation API (`coreg.v1.SamplerService`) until SIGTERM.
+    ///
+    /// Configuration: built-in defaults < `--config FILE` (TOML) < `COREG_…`
+    /// environment variables (nested keys joined by `__`, e.g. `COREG_STORE__URL`).
+    /// Exit codes: 0 after SIGTERM; 64 the configuration is invalid; 70 the service
+    /// could not start (model, store, address, certificate).
+    Serve {
+        #[arg(long, env = "COREG_CONFIG")]
+        config: Option<PathBuf>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -119,15 +129,12 @@ fn failure(error: coreg::Error) -> Failure {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let result = match cli.command {
-        Command::Generate(args) => generate(&args),
+    let result = match Cli::parse().command {
+        Command::Generate(args) => {
+            coreg_serving::init_logging(false, "warn");
+            generate(&args)
+        }
+        Command::Serve { config } => serve(config),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -136,6 +143,13 @@ fn main() -> ExitCode {
             ExitCode::from(code)
         }
     }
+}
+
+fn serve(config: Option<PathBuf>) -> Result<(), Failure> {
+    let config = coreg_sampler::service::load_config(config.as_deref())
+        .map_err(|e| Failure(64, e.to_string()))?;
+    coreg_serving::init_logging(config.log_format == "json", "info");
+    coreg_sampler::service::serve(config).map_err(|e| Failure(70, format!("{e:#}")))
 }
 
 fn generate(args: &GenerateArgs) -> Result<(), Failure> {
@@ -224,6 +238,15 @@ fn generate(args: &GenerateArgs) -> Result<(), Failure> {
                 last.total
             );
         }
+    }
+    if let Some(bad) = images.iter().find(|image| !image.is_finite()) {
+        return Err(Failure(
+            70,
+            format!(
+                "image {} (prompt {:?}, seed {}) diverged to NaN/Inf",
+                bad.index, bad.prompt, bad.seed
+            ),
+        ));
     }
     write_images(&args.out, &images)
 }

@@ -69,15 +69,59 @@ impl ActiveConcept {
     /// `prompt` with `{}` standing for the concept's token; the result must name the
     /// concept, or the concept would be loaded for nothing.
     pub fn resolve_prompt(&self, prompt: &str) -> Result<String> {
-        let resolved = prompt.replace(SLOT, &self.token);
-        if !resolved.contains(&self.token) {
+        let mut resolved =
+            resolve_prompts(&self.tokenizer, Some(&self.token), &[prompt.to_owned()], "")?;
+        Ok(resolved.remove(0))
+    }
+
+    /// The base tokenizer with this concept's token added.
+    pub fn tokenizer(&self) -> &ClipTokenizer {
+        &self.tokenizer
+    }
+}
+
+/// `prompts` as the model will read them (with `{}` replaced by the concept's token,
+/// each required to name the concept when there is one), checked against CLIP's
+/// context length with `tokenizer` (which must know the token) together with the
+/// negative prompt, so that a request is refused before any work is done for it.
+pub fn resolve_prompts(
+    tokenizer: &ClipTokenizer,
+    concept_token: Option<&str>,
+    prompts: &[String],
+    negative_prompt: &str,
+) -> Result<Vec<String>> {
+    let fits = |text: &str, what: &str| -> Result<()> {
+        let tokens = tokenizer.encode(text)?;
+        if tokens.truncated {
             return Err(Error::InvalidInput(format!(
-                "prompt {prompt:?} does not name the concept: write {} or {SLOT} where it goes",
-                self.token
+                "{what} {text:?} is {} CLIP tokens long (with start and end); the limit is {}",
+                tokens.untruncated_len,
+                tokens.ids.len()
             )));
         }
-        Ok(resolved)
-    }
+        Ok(())
+    };
+    fits(negative_prompt, "the negative prompt")?;
+    prompts
+        .iter()
+        .map(|prompt| {
+            let resolved = match concept_token {
+                Some(token) => {
+                    let resolved = prompt.replace(SLOT, token);
+                    if !resolved.contains(token) {
+                        return Err(Error::InvalidInput(format!(
+                            "prompt {prompt:?} does not name the concept: write {token} or \
+                             {SLOT} where it goes"
+                        )));
+                    }
+                    resolved
+                }
+                None => prompt.clone(),
+            };
+            fits(&resolved, "prompt")?;
+            Ok(resolved)
+        })
+        .collect()
 }
 
 /// What to generate.
@@ -136,11 +180,19 @@ pub struct RenderedImage {
     /// The prompt as the model saw it (`{}` replaced by the token).
     pub prompt: String,
     pub seed: u64,
+    /// Empty when the latents became non-finite (NaN/Inf): no image is made of them.
     pub png: Vec<u8>,
     /// The final latents [C, H/8, W/8], in the U-Net's scale (for parity checks).
     pub latents: Tensor,
     /// The decoded image [3, H, W] in [−1, 1], before 8-bit quantization.
     pub image: Tensor,
+}
+
+impl RenderedImage {
+    /// False when the latents became NaN/Inf (a diverged sampler or broken weights).
+    pub fn is_finite(&self) -> bool {
+        !self.png.is_empty()
+    }
 }
 
 /// How far a request is.
@@ -183,11 +235,12 @@ pub fn render(
             "test-time optimization needs a concept".into(),
         ));
     }
-    let prompts = request
-        .prompts
-        .iter()
-        .map(|p| concept.map_or_else(|| Ok(p.clone()), |c| c.resolve_prompt(p)))
-        .collect::<Result<Vec<_>>>()?;
+    let prompts = resolve_prompts(
+        concept.map_or(&model.tokenizer, |c| &c.tokenizer),
+        concept.map(|c| c.token.as_str()),
+        &request.prompts,
+        &request.negative_prompt,
+    )?;
     let pipeline = Pipeline {
         tokenizer: concept.map_or(&model.tokenizer, |c| &c.tokenizer),
         text_encoder: &model.text_encoder,
@@ -251,24 +304,18 @@ pub fn render(
             return Ok(Rendered::Cancelled { images });
         };
         for (j, &seed) in seeds.iter().enumerate() {
-            if generated
-                .latents
-                .get(j as i64)
-                .isfinite()
-                .all()
-                .int64_value(&[])
-                == 0
-            {
-                return Err(Error::InvalidInput(format!(
-                    "image {j} of prompt {prompt:?} (seed {seed}) diverged to NaN/Inf"
-                )));
-            }
+            let latents = generated.latents.get(j as i64);
+            let finite = latents.isfinite().all().int64_value(&[]) != 0;
             let image = generated.images.get(j as i64);
             images.push(RenderedImage {
                 index: i * per_prompt + j,
                 prompt: prompt.clone(),
                 seed,
-                png: tensor_to_png(&image)?,
+                png: if finite {
+                    tensor_to_png(&image)?
+                } else {
+                    Vec::new()
+                },
                 latents: generated.latents.get(j as i64).to_device(tch::Device::Cpu),
                 image,
             });

@@ -3,66 +3,21 @@
 //! requested size, reproducible from the seed, test-time optimization that changes
 //! the images, and clear refusals.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::PathBuf;
 use std::process::{Command, Output};
 
-use coreg::artifact::unet_delta::{snapshot, Parameters};
-use coreg::artifact::{
-    base_model_identity, write_concept, ConceptArtifacts, LearnedEmbedding, LossHistory, UNetDelta,
-};
-use coreg::base_model::BaseModel;
-use coreg::model::random::{write_random_model, ModelSize};
-use coreg::schedule::PredictionType;
-use coreg::store::Store;
-use tch::{Device, Kind, Tensor};
-
-struct Fixture {
-    dir: tempfile::TempDir,
-}
+struct Fixture(common::Fixture);
 
 impl Fixture {
-    /// The tiny model and concept `toy` version `v1` (token `<toy>`, category `dog`):
-    /// the word "dog"'s embedding nudged, the U-Net nudged, random training latents.
+    /// The tiny model and concept `toy` version `v1` (token `<toy>`, category `dog`).
     fn new() -> Fixture {
-        let dir = tempfile::tempdir().unwrap();
-        let model_dir = dir.path().join("model");
-        write_random_model(&model_dir, ModelSize::Tiny, PredictionType::Epsilon, 0).unwrap();
-        let model = BaseModel::load(&model_dir, Device::Cpu, None).unwrap();
-        tch::manual_seed(7);
-        let dog = model.tokenizer.single_token_id("dog").unwrap();
-        let word = tch::no_grad(|| {
-            model
-                .text_encoder
-                .model
-                .token_embedding(&Tensor::from_slice(&[dog]))
-                .get(0)
-        });
-        let embedding = &word + Tensor::randn_like(&word) * 0.05;
-        let base = snapshot(&model.unet.vars, Device::Cpu).unwrap();
-        let tuned: Parameters = base
-            .iter()
-            .map(|(name, t)| (name.clone(), t + Tensor::randn_like(t) * 1e-3))
-            .collect();
-        let artifacts = ConceptArtifacts {
-            embedding: LearnedEmbedding::new("<toy>", &embedding).unwrap(),
-            unet_delta: UNetDelta::exact(&base, &tuned).unwrap(),
-            training_latents: Tensor::randn([3, 4, 8, 8], (Kind::Float, Device::Cpu)),
-            super_category: "dog".into(),
-            base_model: base_model_identity(&model.folder).unwrap(),
-            hyper_parameters: serde_json::json!({}),
-            seed: 0,
-            losses: LossHistory::default(),
-        };
-        let store = Store::open(&store_url(dir.path()), Vec::<(String, String)>::new()).unwrap();
-        tokio::runtime::Runtime::new()
-            .unwrap()
-            .block_on(write_concept(&store, "toy", "v1", artifacts))
-            .unwrap();
-        Fixture { dir }
+        Fixture(common::Fixture::new(&[("toy", 7)]))
     }
 
     fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
+        self.0.path(name)
     }
 
     /// `coreg-sampler generate` on the fixture into `out`: 64 px, 4 DDIM steps, seed
@@ -72,13 +27,7 @@ impl Fixture {
         command
             .args(["generate", "--device", "cpu", "--model"])
             .arg(self.path("model"))
-            .args([
-                "--store",
-                &store_url(self.dir.path()),
-                "--concept",
-                "toy",
-                "--out",
-            ])
+            .args(["--store", &self.0.store_url(), "--concept", "toy", "--out"])
             .arg(self.path(out));
         let defaults = [
             ("--width", "64"),
@@ -94,10 +43,6 @@ impl Fixture {
         }
         command.args(extra).output().unwrap()
     }
-}
-
-fn store_url(dir: &Path) -> String {
-    format!("file://{}", dir.join("store").display())
 }
 
 fn assert_exit(out: &Output, code: i32, needle: &str) {
