@@ -349,9 +349,12 @@ mod tests {
                 .get(0)
         });
         let base = model.base_unet();
-        let tuned: Parameters = base
-            .iter()
-            .map(|(k, t)| (k.clone(), t + Tensor::randn_like(t) * 1e-2))
+        // In name order: a `HashMap`'s order would draw different noise per run.
+        let mut names: Vec<&String> = base.keys().collect();
+        names.sort();
+        let tuned: Parameters = names
+            .into_iter()
+            .map(|k| (k.clone(), &base[k] + Tensor::randn_like(&base[k]) * 1e-2))
             .collect();
         let artifacts = ConceptArtifacts {
             embedding: LearnedEmbedding::new(

@@ -241,7 +241,7 @@ mod tests {
                 "[limits]\nmax_concurrent_generations = 0",
                 "limits.max_concurrent_generations",
             ),
-            ("[limits]\nmax_image_side = 1000", "limits.max_image_side"),
+            ("[limits]\nmax_image_side = 1020", "limits.max_image_side"),
             (
                 "[limits]\nmax_message_bytes = 10",
                 "limits.max_message_bytes",
