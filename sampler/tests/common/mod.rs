@@ -36,12 +36,37 @@ impl Server {
         )
     }
 
+    /// `coreg-trainer serve` (the trainer crate's binary, which `make test` builds
+    /// beside this one) on the model in `model` and the store at `store`, with
+    /// `extra` settings; it polls for jobs every 200 ms.
+    pub fn start_trainer(model: &Path, store: &str, log: &Path, extra: &[(&str, &str)]) -> Server {
+        let binary = trainer_binary();
+        let mut settings = vec![("COREG_POLL_MILLISECONDS", "200")];
+        settings.extend_from_slice(extra);
+        Server::spawn(binary.to_str().unwrap(), model, store, log, &settings)
+    }
+
     pub async fn client(&self) -> SamplerServiceClient<Channel> {
         SamplerServiceClient::connect(self.url())
             .await
             .unwrap()
             .max_decoding_message_size(64 << 20)
     }
+}
+
+/// `coreg-trainer`, next to this crate's `coreg-sampler` in the target directory.
+/// Cargo builds only this crate's binaries for its tests, so a missing trainer fails
+/// with how to build it.
+pub fn trainer_binary() -> PathBuf {
+    let sampler = Path::new(env!("CARGO_BIN_EXE_coreg-sampler"));
+    let trainer = sampler.with_file_name(format!("coreg-trainer{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        trainer.is_file(),
+        "no coreg-trainer binary at {} (these tests run it beside coreg-sampler: build it \
+         with `cargo build -p coreg-trainer`, or run `make test`, which builds the workspace)",
+        trainer.display()
+    );
+    trainer
 }
 
 /// A temp dir holding the tiny model (`model/`) and a `file://` store (`store/`).
