@@ -157,13 +157,38 @@ async fn the_python_client_trains_then_generates_on_a_real_s3_api() {
     let fx = Fixture::new(&[]);
     let moto = MotoServer::start();
     moto.create_bucket("coreg");
+    // As on a cluster: the credentials arrive as the AWS SDK's own variables (a
+    // Secret or an identity webhook), the rest as the services' configuration.
     let env: Vec<(String, String)> = moto
         .options()
         .into_iter()
-        .map(|(k, v)| (format!("COREG_STORE__OPTIONS__{}", k.to_uppercase()), v))
+        .map(|(k, v)| {
+            if k.starts_with("aws_access_key_id") || k.starts_with("aws_secret_access_key") {
+                (k.to_uppercase(), v)
+            } else {
+                (format!("COREG_STORE__OPTIONS__{}", k.to_uppercase()), v)
+            }
+        })
         .collect();
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     run_flow(&fx, "s3://coreg", &env).await;
+    for log in ["trainer.log", "sampler.log"] {
+        let text = std::fs::read_to_string(fx.path(log)).unwrap();
+        let line = text
+            .lines()
+            .find(|l| l.contains("store options taken from the environment"))
+            .unwrap_or_else(|| {
+                panic!("{log} does not say the credentials came from the environment:\n{text}")
+            });
+        assert!(
+            line.contains("AWS_ACCESS_KEY_ID") && line.contains("AWS_SECRET_ACCESS_KEY"),
+            "{line}"
+        );
+        assert!(
+            !text.contains("\"test\""),
+            "{log} shows a credential's value"
+        );
+    }
     // Nothing went to a local folder by mistake.
     assert!(!fx.path("store").exists(), "the S3 run wrote a local store");
 }

@@ -131,11 +131,34 @@ impl Store {
     /// understand is an error naming it, where object_store itself would silently
     /// drop it. A `file://` directory is created if missing; `memory:///` is a fresh,
     /// empty store each time it is opened (clones of the [`Store`] share it).
+    ///
+    /// The cloud backends also take their options from the process environment the
+    /// way their SDKs do (`AWS_…` for s3://, `GOOGLE_…` for gs://, `AZURE_…` for
+    /// az://, see [`Store::open_with_environment`]), so the variables a Kubernetes
+    /// identity webhook injects (`AWS_ROLE_ARN`, `AWS_WEB_IDENTITY_TOKEN_FILE`,
+    /// `AZURE_CLIENT_ID`, …) work without being copied into the configuration.
     pub fn open<I, K, V>(url: &str, options: I) -> Result<Store>
     where
         I: IntoIterator<Item = (K, V)>,
         K: AsRef<str>,
         V: Into<String>,
+    {
+        Store::open_with_environment(url, options, std::env::vars())
+    }
+
+    /// [`Store::open`] with the environment given rather than read from the process.
+    ///
+    /// A variable is taken when it has the backend's SDK prefix and, lower-cased, is
+    /// one of the backend's option keys; others (`AWS_PROFILE`, a `GOOGLE_…` variable
+    /// for an s3:// store) are ignored, never an error, since the environment is not
+    /// ours to police. An explicit option wins over the environment's value for the
+    /// same key, aliases included (`access_key_id` and `AWS_ACCESS_KEY_ID`).
+    pub fn open_with_environment<I, K, V, E>(url: &str, options: I, environment: E) -> Result<Store>
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: AsRef<str>,
+        V: Into<String>,
+        E: IntoIterator<Item = (String, String)>,
     {
         let parsed = Url::parse(url)
             .map_err(|e| Error::InvalidInput(format!("store URL `{url}` is not a URL: {e}")))?;
@@ -159,8 +182,25 @@ impl Store {
             .into_iter()
             .map(|(k, v)| (k.as_ref().to_owned(), v.into()))
             .collect();
+        let mut explicit = std::collections::HashSet::new();
         for (key, _) in &options {
             check_option_key(backend, key)?;
+            explicit.extend(canonical_option_key(backend, key));
+        }
+        let mut options = options;
+        let mut from_environment = Vec::new();
+        for (name, value) in environment {
+            let Some(key) = environment_option_key(backend, &name) else {
+                continue;
+            };
+            if explicit.insert(key) {
+                from_environment.push(name.clone());
+                options.push((name.to_ascii_lowercase(), value));
+            }
+        }
+        if !from_environment.is_empty() {
+            // Names only: values are credentials.
+            tracing::info!(store = url, variables = ?from_environment, "store options taken from the environment");
         }
         if backend == Backend::LocalFileSystem {
             let dir = parsed.to_file_path().map_err(|()| {
@@ -434,17 +474,41 @@ fn check_blob_path(blob: &BlobRef) -> Result<()> {
 /// Rejects an option key the backend would not understand. object_store's builders
 /// ignore unknown keys, which turns a typo in a credential or endpoint option into a
 /// confusing failure far from its cause.
-fn check_option_key(backend: Backend, key: &str) -> Result<()> {
+/// The backend's own name for an option key (aliases resolved), or `None` when the
+/// backend has no such option.
+fn canonical_option_key(backend: Backend, key: &str) -> Option<String> {
     let lowered = key.to_ascii_lowercase();
-    let understood = match backend {
-        Backend::LocalFileSystem | Backend::Memory => false,
-        Backend::AmazonS3 => object_store::aws::AmazonS3ConfigKey::from_str(&lowered).is_ok(),
-        Backend::GoogleCloudStorage => {
-            object_store::gcp::GoogleConfigKey::from_str(&lowered).is_ok()
-        }
-        Backend::MicrosoftAzure => object_store::azure::AzureConfigKey::from_str(&lowered).is_ok(),
+    match backend {
+        Backend::LocalFileSystem | Backend::Memory => None,
+        Backend::AmazonS3 => object_store::aws::AmazonS3ConfigKey::from_str(&lowered)
+            .ok()
+            .map(|k| k.as_ref().to_owned()),
+        Backend::GoogleCloudStorage => object_store::gcp::GoogleConfigKey::from_str(&lowered)
+            .ok()
+            .map(|k| k.as_ref().to_owned()),
+        Backend::MicrosoftAzure => object_store::azure::AzureConfigKey::from_str(&lowered)
+            .ok()
+            .map(|k| k.as_ref().to_owned()),
+    }
+}
+
+/// The option key an environment variable sets for `backend`, if any: the SDK's
+/// prefix (`AWS_`, `GOOGLE_`, `AZURE_`) and a known key once lower-cased.
+fn environment_option_key(backend: Backend, variable: &str) -> Option<String> {
+    let prefix = match backend {
+        Backend::LocalFileSystem | Backend::Memory => return None,
+        Backend::AmazonS3 => "AWS_",
+        Backend::GoogleCloudStorage => "GOOGLE_",
+        Backend::MicrosoftAzure => "AZURE_",
     };
-    if understood {
+    if !variable.starts_with(prefix) {
+        return None;
+    }
+    canonical_option_key(backend, variable)
+}
+
+fn check_option_key(backend: Backend, key: &str) -> Result<()> {
+    if canonical_option_key(backend, key).is_some() {
         return Ok(());
     }
     let why = match backend {

@@ -776,6 +776,74 @@ async fn the_protocol_holds_on_the_s3_api() {
     assert!(list_concepts(&other).await.unwrap().is_empty());
 }
 
+/// The cloud SDK's variables configure an s3:// store the way `aws` would read them;
+/// explicit options win over them key by key, aliases included, and variables that
+/// are not S3 options are ignored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_options_come_from_the_environment_and_explicit_ones_win() {
+    let moto = MotoServer::start();
+    moto.create_bucket("coreg-env");
+    let as_environment = |options: Vec<(String, String)>| -> Vec<(String, String)> {
+        options
+            .into_iter()
+            .map(|(k, v)| (k.to_ascii_uppercase(), v))
+            .chain([
+                ("AWS_PROFILE".to_owned(), "not-an-option".to_owned()),
+                ("GOOGLE_SERVICE_ACCOUNT".to_owned(), "/nowhere".to_owned()),
+                ("PATH".to_owned(), "/usr/bin".to_owned()),
+            ])
+            .collect()
+    };
+    let environment = as_environment(moto.options());
+
+    // Everything from the environment.
+    let store = Store::open_with_environment("s3://coreg-env/p", no_options(), environment.clone())
+        .unwrap();
+    store
+        .put_overwrite("hello", Bytes::from_static(b"from the environment"))
+        .await
+        .unwrap();
+
+    // A second S3 API tells which endpoint a store used: an explicit endpoint
+    // (under its alias `endpoint`) beats the environment's, and the other way round.
+    let other = MotoServer::start();
+    other.create_bucket("coreg-env");
+    let endpoint = |server: &MotoServer| -> String {
+        server
+            .options()
+            .into_iter()
+            .find(|(k, _)| k == "aws_endpoint")
+            .unwrap()
+            .1
+    };
+    let store = Store::open_with_environment(
+        "s3://coreg-env/p",
+        [("endpoint", endpoint(&other))],
+        environment.clone(),
+    )
+    .unwrap();
+    let err = store.get("hello").await.unwrap_err();
+    assert!(matches!(err, Error::NotFound { .. }), "{err}");
+    let other_environment = as_environment(other.options());
+    let store = Store::open_with_environment(
+        "s3://coreg-env/p",
+        [("aws_endpoint", endpoint(&moto))],
+        other_environment.clone(),
+    )
+    .unwrap();
+    assert_eq!(
+        store.get("hello").await.unwrap(),
+        &b"from the environment"[..]
+    );
+    // Without the explicit one, the environment's endpoint is used.
+    let store =
+        Store::open_with_environment("s3://coreg-env/p", no_options(), other_environment).unwrap();
+    assert!(matches!(
+        store.get("hello").await.unwrap_err(),
+        Error::NotFound { .. }
+    ));
+}
+
 /// The stored blobs, read by diffusers' `load_textual_inversion` and by the
 /// AUTOMATIC1111 loading rules, give the token the vector Rust wrote, with the id the
 /// Rust tokenizer assigns.
