@@ -181,11 +181,15 @@ async fn generates_concepts_from_the_cache_without_drift_and_tto_stays_in_its_re
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stored_images_listing_and_a_corrupt_blob() {
     let fx = Fixture::new(&[("a", 1), ("b", 2), ("c", 3)]);
+    // As a log collector would run it: JSON lines, and no metrics port.
     let server = Server::start(
         &fx.path("model"),
         &fx.store_url(),
         &fx.path("serve.log"),
-        &[],
+        &[
+            ("COREG_LOG_FORMAT", "json"),
+            ("COREG_METRICS_LISTEN", "off"),
+        ],
     );
     server.wait_serving().await;
     let mut client = server.client().await;
@@ -264,6 +268,39 @@ async fn stored_images_listing_and_a_corrupt_blob() {
             .images
             .len(),
         1
+    );
+
+    assert!(
+        server.metrics.is_empty(),
+        "metrics were served at {} though turned off",
+        server.metrics
+    );
+    let log = server.log_text();
+    let events: Vec<serde_json::Value> = log
+        .lines()
+        .filter(|line| !line.trim().is_empty())
+        .map(|line| {
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"))
+        })
+        .collect();
+    let message = |event: &serde_json::Value| {
+        event["fields"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert!(
+        events
+            .iter()
+            .any(|e| e["level"] == "INFO" && message(e).starts_with("starting coreg-sampler")),
+        "no start-up event in the JSON log:\n{log}"
+    );
+    // The corrupt concept is reported to the operator too, as a structured event.
+    assert!(
+        events.iter().any(|e| e["level"] == "ERROR"
+            && message(e) == "concept failed verification"
+            && e["fields"]["concept"] == "c"),
+        "no error event for the corrupt blob:\n{log}"
     );
 }
 

@@ -166,6 +166,42 @@ where
     Ok(map.into_iter().map(|(k, v)| (k, v.0)).collect())
 }
 
+/// An optional listen address such as `metrics_listen`: a socket address, or `"off"`
+/// (also `""`) for none. TOML has no null, so without a word for "none" an address
+/// with a default could never be turned off.
+pub mod optional_address {
+    use std::net::SocketAddr;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub const OFF: &str = "off";
+
+    pub fn serialize<S: Serializer>(
+        address: &Option<SocketAddr>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        match address {
+            Some(address) => serializer.collect_str(address),
+            None => serializer.serialize_str(OFF),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<SocketAddr>, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        let text = text.trim();
+        if text.is_empty() || text.eq_ignore_ascii_case(OFF) {
+            return Ok(None);
+        }
+        text.parse().map(Some).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "{text:?} is not a socket address like \"0.0.0.0:9090\" or \"{OFF}\" ({e})"
+            ))
+        })
+    }
+}
+
 /// The `{prefix}…` variables naming one of `top_level_keys`, nested keys split on
 /// `__`. Other tools share the `COREG_` prefix (`COREG_CONFIG` names the file, the
 /// test set-up exports `COREG_PYTHON`), so only a service's own keys are read; a
@@ -288,6 +324,61 @@ mod tests {
         )
         .unwrap_err();
         assert!(error.to_string().contains("ulr"), "{error}");
+    }
+
+    #[derive(Debug, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct WithMetrics {
+        #[serde(with = "optional_address")]
+        metrics_listen: Option<std::net::SocketAddr>,
+    }
+
+    #[test]
+    fn an_optional_address_can_be_turned_off_from_toml_or_the_environment() {
+        const METRICS: &[&str] = &["metrics_listen"];
+        let defaults = || WithMetrics {
+            metrics_listen: Some("0.0.0.0:9090".parse().unwrap()),
+        };
+        let kept = load(defaults(), None, test_environment(&[], METRICS)).unwrap();
+        assert_eq!(kept.metrics_listen, defaults().metrics_listen);
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "metrics_listen = \"off\"\n").unwrap();
+        let off = load(defaults(), Some(&file), test_environment(&[], METRICS)).unwrap();
+        assert_eq!(off.metrics_listen, None);
+        // Serialized "off" reads back as off (defaults pass through serialization).
+        let again = load(off, None, test_environment(&[], METRICS)).unwrap();
+        assert_eq!(again.metrics_listen, None);
+
+        let moved = load(
+            defaults(),
+            Some(&file),
+            test_environment(&[("METRICS_LISTEN", "127.0.0.1:9999")], METRICS),
+        )
+        .unwrap();
+        assert_eq!(
+            moved.metrics_listen,
+            Some("127.0.0.1:9999".parse().unwrap())
+        );
+        let off = load(
+            defaults(),
+            None,
+            test_environment(&[("METRICS_LISTEN", "OFF")], METRICS),
+        )
+        .unwrap();
+        assert_eq!(off.metrics_listen, None);
+
+        let error = load(
+            defaults(),
+            None,
+            test_environment(&[("METRICS_LISTEN", "localhost:nine")], METRICS),
+        )
+        .unwrap_err()
+        .to_string();
+        // The variable is named as the operator spelt it.
+        assert!(error.contains("METRICS_LISTEN"), "{error}");
+        assert!(error.contains("\"off\""), "{error}");
     }
 
     #[test]

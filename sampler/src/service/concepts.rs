@@ -94,11 +94,17 @@ impl Concepts {
             }
             None => {
                 self.metrics.cache_misses.inc();
-                let concept = Arc::new(SharedConcept::new(
-                    read_concept(&self.store, name, version)
-                        .await
-                        .map_err(status_of)?,
-                ));
+                let loaded = read_concept(&self.store, name, version).await;
+                let concept = match loaded {
+                    Ok(concept) => Arc::new(SharedConcept::new(concept)),
+                    Err(e @ coreg::Error::CorruptArtifact { .. }) => {
+                        // The client only sees DATA_LOSS; the operator must hear that
+                        // the store holds damaged data.
+                        tracing::error!(concept = name, version, error = %e, "concept failed verification");
+                        return Err(status_of(e));
+                    }
+                    Err(e) => return Err(status_of(e)),
+                };
                 let mut cache = self.cache.lock().expect("cache lock");
                 let evicted = cache.insert(key, concept.clone(), concept.bytes());
                 if !evicted.is_empty() {

@@ -17,7 +17,8 @@ pub use coreg_serving::config::ConfigError;
 pub struct ServiceConfig {
     /// The gRPC address.
     pub listen: SocketAddr,
-    /// Prometheus metrics (`GET /metrics`) on their own port; off when absent.
+    /// Prometheus metrics (`GET /metrics`) on their own port; `"off"` for none.
+    #[serde(with = "config::optional_address")]
     pub metrics_listen: Option<SocketAddr>,
     pub model: ModelConfig,
     pub store: StoreConfig,
