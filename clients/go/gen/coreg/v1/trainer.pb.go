@@ -1316,7 +1316,7 @@ type TrainingJobEvent_Job struct {
 }
 
 type TrainingJobEvent_Progress struct {
-	// A step completed.
+	// The progress changed: the latest step completed (see WatchTrainingJob).
 	Progress *TrainingProgress `protobuf:"bytes,2,opt,name=progress,proto3,oneof"`
 }
 

@@ -48,8 +48,10 @@ type TrainerServiceClient interface {
 	// boundary. No concept is written for a cancelled job. Cancelling a job that
 	// already ended returns it unchanged.
 	CancelTrainingJob(ctx context.Context, in *CancelTrainingJobRequest, opts ...grpc.CallOption) (*TrainingJob, error)
-	// The job's state now, then every state change and step until it ends; the last
-	// event carries the final state.
+	// The job's state now, then every state change and the progress as it advances
+	// until the job ends; the last event carries the final state. Progress is
+	// sampled (five times a second), so fast steps arrive coalesced: every event
+	// holds the latest step, never a stale one.
 	WatchTrainingJob(ctx context.Context, in *WatchTrainingJobRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[TrainingJobEvent], error)
 }
 
@@ -140,8 +142,10 @@ type TrainerServiceServer interface {
 	// boundary. No concept is written for a cancelled job. Cancelling a job that
 	// already ended returns it unchanged.
 	CancelTrainingJob(context.Context, *CancelTrainingJobRequest) (*TrainingJob, error)
-	// The job's state now, then every state change and step until it ends; the last
-	// event carries the final state.
+	// The job's state now, then every state change and the progress as it advances
+	// until the job ends; the last event carries the final state. Progress is
+	// sampled (five times a second), so fast steps arrive coalesced: every event
+	// holds the latest step, never a stale one.
 	WatchTrainingJob(*WatchTrainingJobRequest, grpc.ServerStreamingServer[TrainingJobEvent]) error
 	mustEmbedUnimplementedTrainerServiceServer()
 }

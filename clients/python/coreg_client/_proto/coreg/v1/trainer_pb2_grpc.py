@@ -103,8 +103,10 @@ class TrainerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchTrainingJob(self, request, context):
-        """The job's state now, then every state change and step until it ends; the last
-        event carries the final state.
+        """The job's state now, then every state change and the progress as it advances
+        until the job ends; the last event carries the final state. Progress is
+        sampled (five times a second), so fast steps arrive coalesced: every event
+        holds the latest step, never a stale one.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
