@@ -28,7 +28,13 @@ impl Fixture {
             .args(["generate", "--device", "cpu", "--model"])
             .arg(self.path("model"))
             .args(["--store", &self.0.store_url(), "--concept", "toy", "--out"])
-            .arg(self.path(out));
+            .arg(self.path(out))
+            // Environments may hold variables that are not UTF-8; opening the store
+            // reads the environment and must not trip over them.
+            .env(
+                "AWS_NOT_UTF8",
+                std::os::unix::ffi::OsStrExt::from_bytes(b"caf\xe9") as &std::ffi::OsStr,
+            );
         let defaults = [
             ("--width", "64"),
             ("--height", "64"),

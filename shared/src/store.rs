@@ -143,7 +143,12 @@ impl Store {
         K: AsRef<str>,
         V: Into<String>,
     {
-        Store::open_with_environment(url, options, std::env::vars())
+        // `vars_os`: `vars` panics on a variable that is not UTF-8, which is no
+        // reason for a store not to open; such a variable cannot be an option.
+        let environment = std::env::vars_os().filter_map(|(name, value)| {
+            Some((name.into_string().ok()?, value.into_string().ok()?))
+        });
+        Store::open_with_environment(url, options, environment)
     }
 
     /// [`Store::open`] with the environment given rather than read from the process.
