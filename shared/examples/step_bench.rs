@@ -20,7 +20,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use coreg::method::batch::{Stage1Batch, Stage2Batch};
+use coreg::dataset::{Stage1Batch, Stage2Batch};
 use coreg::method::prompts::PromptSet;
 use coreg::method::stage1::{FrozenModels, Stage1, Stage1Config};
 use coreg::method::stage2::{Stage2, Stage2Config, Stage2Models};

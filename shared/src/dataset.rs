@@ -1,13 +1,11 @@
 //! The concept's photos and the live batches drawn from them, one per optimization step.
 //!
-//! Every random draw of a step is a pure function of (run seed, step): each kind of
-//! draw (which photos, each photo's augmentation, the template, the timesteps, the
-//! posterior noise, the diffusion noise) has its own ChaCha20 stream keyed by
-//! `(seed, step, stream, index)`. So a run resumed at step k draws exactly what the
-//! uninterrupted run drew, whatever happened before k, and no draw shifts when another
-//! changes (a different batch size leaves the template choice alone). Gaussian noise is
-//! drawn on the CPU from the same streams and only then moved to the device, so CPU and
-//! GPU runs consume identical noise.
+//! Each stage consumes its randomness as plain tensors ([`Stage1Batch`], [`Stage2Batch`],
+//! [`TtoBatch`]) rather than drawing it inside the step. That keeps a step a pure
+//! function of (state, batch): a resumed run that redraws the same batch for the same
+//! step continues exactly, and a replay test can feed the Python reference and this
+//! implementation the very same draws. Every draw comes from its own seeded stream
+//! ([`crate::draws`]), so a batch is a pure function of (run seed, step).
 //!
 //! Photo choice follows a shuffling data loader: the photos are visited in epochs, each
 //! a fresh random permutation (keyed by the epoch), so after every full epoch each photo
@@ -15,22 +13,53 @@
 //! repeats of the photos, which balances only over 100 epochs; this is the same
 //! sampling without replacement at the granularity of one epoch.
 
-use std::f64::consts::TAU;
-
 use image::imageops::{self, FilterType};
 use image::RgbImage;
 use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha20Rng;
-use tch::{Device, Tensor};
+use rand::Rng;
+use tch::{Device, Kind, Tensor};
 
+use crate::draws::{standard_normal, stream_rng, uniform_timesteps, Stream};
 use crate::images::augment::{shorter_side_to, Augmentation};
 use crate::images::decode::{decode_training_image, ImageLimits};
-use crate::method::batch::{Stage1Batch, Stage2Batch, TtoBatch};
+use crate::model::vae::{AutoencoderKl, VAE_SCALE_FACTOR};
+use crate::model::Component;
 use crate::{Error, Result};
 
-/// Pixels per latent along each side: SD's VAE halves the resolution three times.
-pub const VAE_SCALE_FACTOR: u32 = 8;
+/// The inputs of one stage-1 step (batch 6 by default).
+#[derive(Debug)]
+pub struct Stage1Batch {
+    /// Augmented training images, [B, 3, H, W] in [−1, 1].
+    pub pixels: Tensor,
+    /// Standard normal draws for sampling the VAE posterior, [B, 4, H/8, W/8]
+    /// (the reference encodes with `latent_dist.sample()` every step).
+    pub posterior_noise: Tensor,
+    /// The diffusion noise ε, [B, 4, H/8, W/8].
+    pub noise: Tensor,
+    /// Training timesteps in [0, num_train_timesteps), i64 `[B]`.
+    pub timesteps: Tensor,
+    /// Which regularization template this step draws from the prompt set.
+    pub template_index: usize,
+}
+
+/// The inputs of one stage-2 step (batch 4 by default).
+#[derive(Debug)]
+pub struct Stage2Batch {
+    pub pixels: Tensor,
+    pub posterior_noise: Tensor,
+    pub noise: Tensor,
+    pub timesteps: Tensor,
+}
+
+/// The inputs of one test-time optimization step: the concept's stored training
+/// latents (already scaled by the VAE's scaling factor) are noised afresh each step.
+#[derive(Debug)]
+pub struct TtoBatch {
+    /// Indices into the concept's training latents, `[B]`.
+    pub latent_indices: Vec<usize>,
+    pub noise: Tensor,
+    pub timesteps: Tensor,
+}
 
 /// What a step's batch looks like.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,75 +94,6 @@ impl BatchShape {
         let side = i64::from(self.resolution / VAE_SCALE_FACTOR);
         [self.batch_size as i64, self.latent_channels, side, side]
     }
-}
-
-/// Which draw a ChaCha stream serves. The values are part of the reproducibility
-/// contract: changing one changes every run's batches.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u64)]
-pub enum Stream {
-    Stage1Shuffle = 1,
-    Stage1Augment = 2,
-    Stage1Template = 3,
-    Stage1Timesteps = 4,
-    Stage1PosteriorNoise = 5,
-    Stage1Noise = 6,
-    Stage2Shuffle = 11,
-    Stage2Augment = 12,
-    Stage2Timesteps = 14,
-    Stage2PosteriorNoise = 15,
-    Stage2Noise = 16,
-    TtoLatents = 21,
-    TtoTimesteps = 24,
-    TtoNoise = 26,
-    /// Initial latents of a generation, keyed by the image's seed alone.
-    GenerationNoise = 31,
-}
-
-/// The generator for one draw: ChaCha20 keyed by all four numbers, so distinct keys
-/// give independent streams with no hashing in between.
-pub fn stream_rng(seed: u64, step: u64, stream: Stream, index: u64) -> ChaCha20Rng {
-    let mut key = [0u8; 32];
-    for (chunk, word) in key
-        .chunks_exact_mut(8)
-        .zip([seed, step, stream as u64, index])
-    {
-        chunk.copy_from_slice(&word.to_le_bytes());
-    }
-    ChaCha20Rng::from_seed(key)
-}
-
-/// Standard normal f32 draws of `shape` on the CPU, by the Box–Muller transform in
-/// f64 (each pair of uniforms gives two values, consumed in order).
-pub fn standard_normal(rng: &mut impl Rng, shape: &[i64]) -> Tensor {
-    let count: i64 = shape.iter().product();
-    let count = usize::try_from(count).unwrap_or(0);
-    let mut values = Vec::with_capacity(count + 1);
-    while values.len() < count {
-        // 1 − u lies in (0, 1], so the logarithm is finite.
-        let radius = (-2.0 * (1.0 - rng.random::<f64>()).ln()).sqrt();
-        let angle = TAU * rng.random::<f64>();
-        values.push((radius * angle.cos()) as f32);
-        values.push((radius * angle.sin()) as f32);
-    }
-    values.truncate(count);
-    Tensor::from_slice(&values).view(shape)
-}
-
-/// The initial latent noise of one generated image [C, h, w], as a function of its
-/// seed alone: the same seed gives the same image on any device and in any batch.
-pub fn generation_noise(seed: u64, latent_shape: [i64; 3]) -> Tensor {
-    standard_normal(
-        &mut stream_rng(seed, 0, Stream::GenerationNoise, 0),
-        &latent_shape,
-    )
-}
-
-fn timesteps(rng: &mut impl Rng, count: usize, num_train_timesteps: usize) -> Tensor {
-    let values: Vec<i64> = (0..count)
-        .map(|_| rng.random_range(0..num_train_timesteps) as i64)
-        .collect();
-    Tensor::from_slice(&values)
 }
 
 /// The concept's training photos, decoded and upright.
@@ -249,6 +209,42 @@ impl TrainingImages {
         TrainingImages { photos }
     }
 
+    /// Every photo with its shorter side resized to `size` (bilinear) and centre-cropped
+    /// to a square: [N, 3, size, size] in [−1, 1] on the CPU.
+    pub fn centre_crops(&self, size: u32) -> Tensor {
+        let crops: Vec<Tensor> = self
+            .photos
+            .iter()
+            .map(|photo| {
+                let (w, h) = shorter_side_to(photo.dimensions(), size);
+                let resized = imageops::resize(photo, w, h, FilterType::Triangle);
+                let (x, y) = ((w - size) / 2, (h - size) / 2);
+                let crop = imageops::crop_imm(&resized, x, y, size, size).to_image();
+                Tensor::from_slice(crop.as_raw())
+                    .view([i64::from(size), i64::from(size), 3])
+                    .permute([2, 0, 1])
+                    .to_kind(Kind::Float)
+                    / 127.5
+                    - 1.0
+            })
+            .collect();
+        Tensor::stack(&crops, 0)
+    }
+
+    /// The photos' VAE posterior means × scaling factor at `resolution` (centre crops,
+    /// no augmentation), f32 on the CPU: the latents a concept stores for test-time
+    /// optimization to noise afresh for each prompt (docs/method.md, "Test-time
+    /// optimization").
+    pub fn centre_crop_latents(&self, vae: &Component<AutoencoderKl>, resolution: u32) -> Tensor {
+        let _guard = tch::no_grad_guard();
+        let pixels = self
+            .centre_crops(resolution)
+            .to_device(vae.vars.device())
+            .to_kind(vae.vars.kind());
+        let latents = vae.model.encode(&pixels).mean() * vae.model.scaling_factor();
+        latents.to_device(Device::Cpu).to_kind(Kind::Float)
+    }
+
     /// The photos sample j of step `step` uses: the (step·B + j)-th draw of a
     /// sequence of epochs, each a permutation of all photos.
     fn choose(&self, seed: u64, step: usize, batch_size: usize, shuffle: Stream) -> Vec<usize> {
@@ -362,7 +358,7 @@ impl TrainingImages {
             pixels: Tensor::stack(&augmented, 0).to_device(device),
             posterior_noise: normal(streams.posterior_noise),
             noise: normal(streams.noise),
-            timesteps: timesteps(
+            timesteps: uniform_timesteps(
                 &mut stream_rng(seed, step_key, streams.timesteps, 0),
                 shape.batch_size,
                 shape.num_train_timesteps,
@@ -408,7 +404,7 @@ pub fn tto_batch(
     Ok(TtoBatch {
         latent_indices,
         noise: noise.to_device(device),
-        timesteps: timesteps(
+        timesteps: uniform_timesteps(
             &mut stream_rng(seed, step, Stream::TtoTimesteps, 0),
             batch_size,
             num_train_timesteps,
@@ -554,29 +550,6 @@ mod tests {
             counts[batch.template_index] += 1;
         }
         assert!(counts.iter().all(|&c| (60..140).contains(&c)), "{counts:?}");
-    }
-
-    #[test]
-    fn box_muller_draws_are_standard_normal() {
-        let mut rng = stream_rng(0, 0, Stream::Stage1Noise, 0);
-        let x = standard_normal(&mut rng, &[3, 10001]);
-        assert_eq!(x.size(), [3, 10001]);
-        let mean = x.mean(Kind::Double).double_value(&[]);
-        let var = x.var(true).double_value(&[]);
-        assert!(mean.abs() < 0.02, "{mean}");
-        assert!((var - 1.0).abs() < 0.03, "{var}");
-        let tail = x.abs().gt(2.0).to_kind(Kind::Double).mean(Kind::Double);
-        assert!((tail.double_value(&[]) - 0.0455).abs() < 0.006);
-        let again = standard_normal(&mut stream_rng(0, 0, Stream::Stage1Noise, 0), &[3, 10001]);
-        assert!(x.equal(&again));
-    }
-
-    #[test]
-    fn generation_noise_depends_on_the_seed_only() {
-        let a = generation_noise(2147483647, [4, 8, 8]);
-        assert_eq!(a.size(), [4, 8, 8]);
-        assert!(a.equal(&generation_noise(2147483647, [4, 8, 8])));
-        assert!(!a.equal(&generation_noise(2147483646, [4, 8, 8])));
     }
 
     #[test]

@@ -22,11 +22,12 @@ use std::ops::ControlFlow;
 
 use tch::{Device, Kind, Tensor};
 
-use crate::dataset::{generation_noise, VAE_SCALE_FACTOR};
+use crate::draws::generation_noise;
 use crate::model::clip::ClipTextTransformer;
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::unet::UNet2DConditionModel;
 use crate::model::vae::AutoencoderKl;
+use crate::model::vae::VAE_SCALE_FACTOR;
 use crate::model::Component;
 use crate::schedule::{SamplerKind, SchedulerConfig};
 use crate::{Error, Result};
@@ -161,7 +162,7 @@ fn placement<M>(component: &Component<M>) -> (Device, Kind) {
 impl Pipeline<'_> {
     /// Tokenizes and encodes `prompts` (one image each) and the shared negative prompt.
     /// `placeholders` gives the vectors of learned tokens the tokenizer knows (its
-    /// placeholder id and the [D] vector). A prompt longer than CLIP's 77 tokens is
+    /// placeholder id and the `[D]` vector). A prompt longer than CLIP's 77 tokens is
     /// refused with its length, rather than silently truncated as diffusers does.
     pub fn encode_prompts(
         &self,

@@ -14,9 +14,10 @@ use tch::Tensor;
 
 use crate::{Error, Result};
 
-/// AdamW's hyper-parameters; the defaults are torch's and CoRe's (method.md).
+/// AdamW's hyper-parameters; the defaults are torch's and CoRe's (docs/method.md, "Stage 1").
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct AdamWConfig {
+    #[serde(rename = "learning_rate", alias = "lr")]
     pub lr: f64,
     pub beta1: f64,
     pub beta2: f64,

@@ -16,7 +16,7 @@ mod support;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use coreg::method::batch::{Stage1Batch, Stage2Batch, TtoBatch};
+use coreg::dataset::{Stage1Batch, Stage2Batch, TtoBatch};
 use coreg::method::prompts::PromptSet;
 use coreg::method::regularization::RegularizationWeights;
 use coreg::method::rescale::RescaleWindow;

@@ -16,9 +16,9 @@ pub struct ContextPair {
     /// y_cat: i64 [1, 77], the category word's id at `concept_position`.
     pub reference_ids: Tensor,
     pub concept_position: i64,
-    /// The context positions, i64 [K] ascending: the start token (position 0) through
+    /// The context positions, i64 `[K]` ascending: the start token (position 0) through
     /// the `<|endoftext|>` token inclusive, without the concept position and without
-    /// padding (method.md, stage 1 step 3).
+    /// padding (docs/method.md, "Stage 1" step 3).
     pub kept_positions: Tensor,
 }
 
@@ -79,7 +79,7 @@ impl ContextPair {
             .collect()
     }
 
-    /// A pair from ids that are already tokenized: i64 [1, 77] each (or [77]), starting
+    /// A pair from ids that are already tokenized: i64 [1, 77] each (or `[77]`), starting
     /// with `<|startoftext|>`, with the end token at the same position in both, and
     /// differing at exactly one position where `concept_ids` holds `placeholder_id`.
     pub fn from_ids(

@@ -18,7 +18,7 @@ use crate::{Error, Result};
 /// torch's `F.cosine_similarity` default: norms are clamped to at least this.
 const COSINE_EPS: f64 = 1e-8;
 
-/// Which reductions the losses use (method.md, stage 1 steps 4 and 5).
+/// Which reductions the losses use (docs/method.md, "Stage 1" steps 4 and 5).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LossVariant {
@@ -62,7 +62,7 @@ impl FromStr for LossVariant {
 
 /// L_emb, unweighted, as an fp32 scalar: how far the text encoder's outputs for y*
 /// (`concept_hidden` [1, 77, D]) are from those for y_cat (`reference_hidden`, same
-/// shape) at the `kept` positions (i64 [K]).
+/// shape) at the `kept` positions (i64 `[K]`).
 ///
 /// - `Reference`: cosine along the token axis, one per hidden channel d over the K
 ///   kept tokens, loss = 1 − mean_d cos_d.

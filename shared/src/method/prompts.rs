@@ -1,5 +1,5 @@
 //! Prompt templates: the training prompt and the regularization prompt sets CoRe draws
-//! one template from per step (method.md, stage 1 step 2).
+//! one template from per step (docs/method.md, "Stage 1" step 2).
 //!
 //! A template holds exactly one `{}`, filled with the concept's placeholder token (y*)
 //! or with its super-category word (y_cat).
@@ -88,9 +88,11 @@ impl FromStr for PromptSetKind {
 }
 
 /// A non-empty list of templates, each with exactly one `{}`.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PromptSet {
+    #[serde(rename = "prompt_set")]
     kind: PromptSetKind,
+    #[serde(rename = "prompt_templates")]
     templates: Vec<String>,
 }
 

@@ -1,5 +1,5 @@
 //! CoRe's context regularization of one step: both losses for one [`ContextPair`],
-//! computed from the models (method.md, stage 1 steps 4–5; also test-time
+//! computed from the models (docs/method.md, "Stage 1" steps 4–5; also test-time
 //! optimization).
 //!
 //! The y* branch splices the concept vector S* into the token embeddings and stays on
@@ -19,7 +19,9 @@ use crate::{Error, Result};
 /// λ_emb and λ_attn: how much each loss weighs against the diffusion loss.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct RegularizationWeights {
+    #[serde(rename = "lambda_embedding")]
     pub embedding: f64,
+    #[serde(rename = "lambda_attention")]
     pub attention: f64,
 }
 
@@ -37,7 +39,9 @@ impl Default for RegularizationWeights {
 /// and a switched-off loss costs nothing (no U-Net passes without the attention loss).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RegularizationTerms {
+    #[serde(rename = "embedding_loss")]
     pub embedding: bool,
+    #[serde(rename = "attention_loss")]
     pub attention: bool,
 }
 
@@ -84,10 +88,10 @@ pub struct ContextRegularizer<'a> {
 }
 
 impl ContextRegularizer<'_> {
-    /// The losses for `pair` with the concept vector `s_star` [D] (which requires grad
+    /// The losses for `pair` with the concept vector `s_star` `[D]` (which requires grad
     /// while training). The attention loss conditions two U-Net passes, one on each
     /// prompt repeated over the batch, on the same `noisy_latents` [B, 4, h, w] and
-    /// `timesteps` [B] as the step's diffusion loss.
+    /// `timesteps` `[B]` as the step's diffusion loss.
     ///
     /// The prompts' ids go to the latents' device, which must be the models' device;
     /// the latents are cast to the models' precision. Neither latents nor timesteps are

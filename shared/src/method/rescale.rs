@@ -1,4 +1,4 @@
-//! Embedding rescaling (method.md, stage 1 step 7): a learned token vector tends to
+//! Embedding rescaling (docs/method.md, "Stage 1" step 7): a learned token vector tends to
 //! grow far beyond the norms of real word embeddings, which lets it dominate the
 //! prompt. CoRe records ‖S*‖ at one step and holds S* at that norm for a window of
 //! later steps, then lets it go.

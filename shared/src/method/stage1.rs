@@ -1,5 +1,5 @@
 //! Stage 1 of CoRe: learning the concept's token vector S* with context
-//! regularization (method.md, "Stage 1"; paper Sec. 3).
+//! regularization (docs/method.md, "Stage 1"; paper Sec. 3).
 //!
 //! Each step is a pure function of the state and a [`Stage1Batch`] (the step's images
 //! and random draws): the diffusion loss on "a photo of a S*", the two context losses
@@ -8,15 +8,16 @@
 //! U-Net and VAE stay frozen; the VAE runs without autograd.
 
 use serde::{Deserialize, Serialize};
-use tch::nn::VarStore;
-use tch::{Kind, Reduction, Tensor};
+use tch::{Kind, Tensor};
 
-use crate::method::batch::Stage1Batch;
+use crate::dataset::Stage1Batch;
+use crate::method::checks::{check_batch, check_frozen, check_weights, finite_value};
 use crate::method::context::ContextPair;
+use crate::method::diffusion::{diffusion_loss, encode_latents, training_prompt_ids};
 use crate::method::losses::LossVariant;
-use crate::method::prompts::{fill_template, PromptSet, TRAINING_TEMPLATE};
+use crate::method::prompts::PromptSet;
 use crate::method::regularization::{
-    ContextRegularizer, RegularizationTerms, RegularizationWeights,
+    ContextLosses, ContextRegularizer, RegularizationTerms, RegularizationWeights,
 };
 use crate::method::rescale::{RescaleState, RescaleWindow};
 use crate::model::clip::ClipTextTransformer;
@@ -31,20 +32,30 @@ use crate::{Error, Result};
 /// Stage 1's hyper-parameters; [`Stage1Config::new`] gives the paper's defaults.
 /// `steps`, `batch_size` and `resolution` tell the caller what to draw;
 /// [`Stage1::step`] takes whatever batch it is given.
-#[derive(Debug, Clone)]
+///
+/// Serialized flat, as a concept's manifest records it: `steps`, `batch_size`,
+/// `learning_rate` and AdamW's other values, `lambda_embedding`, `lambda_attention`,
+/// `embedding_loss`, `attention_loss`, `loss_variant`, `rescale`, `prompt_set`,
+/// `prompt_templates`, `resolution`.
+#[derive(Debug, Clone, Serialize)]
 pub struct Stage1Config {
     pub steps: usize,
     pub batch_size: usize,
+    #[serde(flatten)]
     pub optimizer: AdamWConfig,
     /// λ_emb and λ_attn.
+    #[serde(flatten)]
     pub weights: RegularizationWeights,
     /// Which context losses run (the "w/o CER" / "w/o CAR" ablations switch one off).
+    #[serde(flatten)]
     pub terms: RegularizationTerms,
+    #[serde(rename = "loss_variant")]
     pub variant: LossVariant,
     /// `None` is the "w/o rescaling" ablation.
     pub rescale: Option<RescaleWindow>,
     /// The regularization templates; [`PromptSet::single_photo`] is the "w/o prompt
     /// set" ablation.
+    #[serde(flatten)]
     pub prompt_set: PromptSet,
     /// Side of the square training images in pixels.
     pub resolution: usize,
@@ -90,17 +101,6 @@ impl Stage1Config {
     }
 }
 
-pub(crate) fn check_weights(weights: &RegularizationWeights) -> Result<()> {
-    for (name, value) in [("λ_emb", weights.embedding), ("λ_attn", weights.attention)] {
-        if !(value.is_finite() && value >= 0.0) {
-            return Err(Error::InvalidInput(format!(
-                "{name} must be a finite non-negative number, got {value}"
-            )));
-        }
-    }
-    Ok(())
-}
-
 /// The frozen models a stage runs on, with the training noise schedule and the
 /// prediction type from the model folder's scheduler configuration.
 #[derive(Clone, Copy)]
@@ -110,124 +110,6 @@ pub struct FrozenModels<'a> {
     pub vae: &'a Component<AutoencoderKl>,
     pub schedule: &'a NoiseSchedule,
     pub prediction_type: PredictionType,
-}
-
-/// Refuses a component whose weights would collect gradients: the stages train S* (or
-/// the U-Net) only, and a trainable frozen part would build graphs for nothing.
-pub(crate) fn check_frozen(component: &str, vars: &VarStore) -> Result<()> {
-    if vars.trainable_variables().iter().any(Tensor::requires_grad) {
-        return Err(Error::InvalidInput(format!(
-            "the {component}'s weights require gradients; freeze them (VarStore::freeze) first"
-        )));
-    }
-    Ok(())
-}
-
-/// The loss value of a step, or an error naming the step if it is NaN or infinite: a
-/// diverged run must fail rather than write a broken artifact.
-pub(crate) fn finite_value(what: &str, step: usize, loss: &Tensor) -> Result<f64> {
-    let value = loss.f_double_value(&[])?;
-    if !value.is_finite() {
-        return Err(Error::InvalidInput(format!(
-            "{what} at step {step} is {value}: training diverged or its inputs hold NaN/Inf"
-        )));
-    }
-    Ok(value)
-}
-
-/// Checks a step's images and draws against each other and the schedule.
-pub(crate) fn check_batch(
-    pixels: &Tensor,
-    posterior_noise: &Tensor,
-    noise: &Tensor,
-    timesteps: &Tensor,
-    num_train_timesteps: usize,
-) -> Result<()> {
-    let invalid = |message: String| Err(Error::InvalidInput(format!("training batch: {message}")));
-    let size = pixels.size();
-    let (batch, height, width) = match size[..] {
-        [b, 3, h, w] if b > 0 && h % 8 == 0 && w % 8 == 0 => (b, h, w),
-        _ => {
-            return invalid(format!(
-                "pixels must be [batch, 3, height, width] with sides a multiple of 8, got {size:?}"
-            ))
-        }
-    };
-    let latent = [batch, 4, height / 8, width / 8];
-    for (name, t) in [("posterior noise", posterior_noise), ("noise", noise)] {
-        if t.size() != latent {
-            return invalid(format!(
-                "{name} must be {latent:?} for pixels {size:?}, got {:?}",
-                t.size()
-            ));
-        }
-    }
-    if timesteps.size() != [batch] || timesteps.kind() != Kind::Int64 {
-        return invalid(format!(
-            "timesteps must be i64 [{batch}], got {:?} {:?}",
-            timesteps.kind(),
-            timesteps.size()
-        ));
-    }
-    let (low, high) = (
-        timesteps.min().int64_value(&[]),
-        timesteps.max().int64_value(&[]),
-    );
-    if low < 0 || high >= num_train_timesteps as i64 {
-        return invalid(format!(
-            "timesteps must lie in [0, {num_train_timesteps}), got {low}..={high}"
-        ));
-    }
-    Ok(())
-}
-
-/// z = (mean + std·ε)·scaling_factor from the VAE posterior, with the step's ε, in
-/// `kind` on the VAE's device; no autograd graph.
-pub(crate) fn encode_latents(
-    vae: &Component<AutoencoderKl>,
-    pixels: &Tensor,
-    posterior_noise: &Tensor,
-    kind: Kind,
-) -> Tensor {
-    tch::no_grad(|| {
-        let device = vae.vars.device();
-        let posterior = vae
-            .model
-            .encode(&pixels.to_device(device).to_kind(vae.vars.kind()));
-        let latents = posterior.sample(&posterior_noise.to_device(device));
-        (latents * vae.model.scaling_factor()).to_kind(kind)
-    })
-}
-
-/// The diffusion loss: the U-Net's prediction for the noised `latents`, conditioned on
-/// `hidden` [1, 77, D] repeated over the batch, against the target the prediction type
-/// names (ε or v); an fp32 mean squared error. Also returns the noisy latents.
-pub(crate) fn diffusion_loss(
-    unet: &UNet2DConditionModel,
-    schedule: &NoiseSchedule,
-    prediction_type: PredictionType,
-    latents: &Tensor,
-    noise: &Tensor,
-    timesteps: &Tensor,
-    hidden: &Tensor,
-) -> Result<(Tensor, Tensor)> {
-    let noise = noise.to_device(latents.device()).to_kind(latents.kind());
-    let timesteps = timesteps.to_device(latents.device());
-    let noisy = schedule.add_noise(latents, &noise, &timesteps);
-    let target = schedule.target(prediction_type, latents, &noise, &timesteps);
-    let context = hidden.repeat([latents.size()[0], 1, 1]);
-    unet.check_inputs(&noisy, &timesteps, &context)?;
-    let prediction = unet.forward(&noisy, &timesteps, &context);
-    let loss = prediction
-        .to_kind(Kind::Float)
-        .mse_loss(&target.to_kind(Kind::Float), Reduction::Mean);
-    Ok((loss, noisy))
-}
-
-/// The token ids [1, 77] of the training prompt "a photo of a S*".
-pub(crate) fn training_prompt_ids(tokenizer: &ClipTokenizer, placeholder: &str) -> Result<Tensor> {
-    let tokens = tokenizer.encode(&fill_template(TRAINING_TEMPLATE, placeholder))?;
-    Ok(Tensor::from_slice(&tokens.ids).view([1, -1]))
 }
 
 /// The losses of one stage-1 step (unweighted context losses; `None` when off).
@@ -244,7 +126,7 @@ pub struct Stage1StepLosses {
 /// rescaling rule's memory.
 #[derive(Debug)]
 pub struct Stage1State {
-    /// S*, fp32 [D], a leaf that requires grad (kept in fp32 whatever the models'
+    /// S*, fp32 `[D]`, a leaf that requires grad (kept in fp32 whatever the models'
     /// precision; the text encoder casts it where it splices it in).
     pub embedding: Tensor,
     pub optimizer: AdamW,
@@ -351,7 +233,7 @@ impl<'a> Stage1<'a> {
     }
 
     /// The state before the first step: S* is the super-category word's **input**
-    /// token embedding (method.md, "The new token").
+    /// token embedding (docs/method.md, "The new token").
     pub fn init_state(&self) -> Result<Stage1State> {
         let embedding = tch::no_grad(|| {
             self.models
@@ -429,17 +311,16 @@ impl<'a> Stage1<'a> {
         self.models.text_encoder.vars.device()
     }
 
-    /// One step (method.md, stage 1 steps 1–7). On error — a malformed batch, or a
+    /// One step (docs/method.md, "Stage 1" steps 1–7). On error — a malformed batch, or a
     /// NaN/Inf loss or gradient — the state is left as it was.
     pub fn step(&self, state: &mut Stage1State, batch: &Stage1Batch) -> Result<Stage1StepLosses> {
         let number = state.step + 1;
-        let models = &self.models;
         check_batch(
             &batch.pixels,
             &batch.posterior_noise,
             &batch.noise,
             &batch.timesteps,
-            models.schedule.num_train_timesteps(),
+            self.models.schedule.num_train_timesteps(),
         )?;
         let pair = self.pairs.get(batch.template_index).ok_or_else(|| {
             Error::InvalidInput(format!(
@@ -448,6 +329,33 @@ impl<'a> Stage1<'a> {
                 self.pairs.len()
             ))
         })?;
+        let (diffusion, context) = self.losses(&state.embedding, batch, pair)?;
+        let total = match context.weighted_sum(&self.config.weights) {
+            Some(regularization) => &diffusion + regularization,
+            None => diffusion.shallow_clone(),
+        };
+        let finite = |what: &str, loss: &Tensor| finite_value(what, number, loss);
+        let finite_term =
+            |what: &str, loss: &Option<Tensor>| loss.as_ref().map(|l| finite(what, l)).transpose();
+        let losses = Stage1StepLosses {
+            diffusion: finite("the stage-1 diffusion loss", &diffusion)?,
+            embedding: finite_term("the context embedding loss", &context.embedding)?,
+            attention: finite_term("the context attention loss", &context.attention)?,
+            total: finite("the stage-1 loss", &total)?,
+        };
+        self.update(state, &total, number)?;
+        Ok(losses)
+    }
+
+    /// Steps 1–5: the diffusion loss on "a photo of a S*" and the context losses on
+    /// `pair`, on the same noisy latents and timesteps.
+    fn losses(
+        &self,
+        embedding: &Tensor,
+        batch: &Stage1Batch,
+        pair: &ContextPair,
+    ) -> Result<(Tensor, ContextLosses)> {
+        let models = &self.models;
         let unet = &models.unet.model;
         let latents = encode_latents(
             models.vae,
@@ -458,7 +366,7 @@ impl<'a> Stage1<'a> {
         let text_encoder = &models.text_encoder.model;
         let embeds = text_encoder.embed_tokens_with(
             &self.training_ids.to_device(self.device()),
-            &[(self.placeholder_id, &state.embedding)],
+            &[(self.placeholder_id, embedding)],
         )?;
         let hidden = text_encoder.forward_embeds(&embeds);
         let (diffusion, noisy) = diffusion_loss(
@@ -478,25 +386,13 @@ impl<'a> Stage1<'a> {
             terms: self.config.terms,
         };
         let timesteps = batch.timesteps.to_device(noisy.device());
-        let context = regularizer.losses(pair, &state.embedding, &noisy, &timesteps)?;
-        let total = match context.weighted_sum(&self.config.weights) {
-            Some(regularization) => &diffusion + regularization,
-            None => diffusion.shallow_clone(),
-        };
-        let losses = Stage1StepLosses {
-            diffusion: finite_value("the stage-1 diffusion loss", number, &diffusion)?,
-            embedding: context
-                .embedding
-                .as_ref()
-                .map(|l| finite_value("the context embedding loss", number, l))
-                .transpose()?,
-            attention: context
-                .attention
-                .as_ref()
-                .map(|l| finite_value("the context attention loss", number, l))
-                .transpose()?,
-            total: finite_value("the stage-1 loss", number, &total)?,
-        };
+        let context = regularizer.losses(pair, embedding, &noisy, &timesteps)?;
+        Ok((diffusion, context))
+    }
+
+    /// Steps 6–7: the AdamW update of S* from `total`'s gradient (refused when that
+    /// gradient is not finite), then the rescaling rule.
+    fn update(&self, state: &mut Stage1State, total: &Tensor, number: usize) -> Result<()> {
         total.backward();
         let grad_ok = state.embedding.grad().isfinite().all().f_int64_value(&[])? == 1;
         if !grad_ok {
@@ -511,93 +407,14 @@ impl<'a> Stage1<'a> {
         if let Some(window) = &self.config.rescale {
             window.apply(number, &state.embedding, &mut state.rescale)?;
         }
-        Ok(losses)
-    }
-}
-
-/// The tiny random model, loaded and frozen, for the stages' unit tests.
-#[cfg(test)]
-pub(crate) mod test_support {
-    use super::*;
-    use crate::model::random::{write_random_model, ModelSize};
-    use crate::model::{LoadOptions, ModelFolder};
-
-    pub(crate) struct Loaded {
-        pub dir: tempfile::TempDir,
-        pub folder: ModelFolder,
-        pub tokenizer: ClipTokenizer,
-        pub text_encoder: Component<ClipTextTransformer>,
-        pub unet: Component<UNet2DConditionModel>,
-        pub vae: Component<AutoencoderKl>,
-        pub schedule: NoiseSchedule,
-    }
-
-    impl Loaded {
-        pub fn new() -> Self {
-            let dir = tempfile::tempdir().unwrap();
-            let root = dir.path().join("model");
-            write_random_model(&root, ModelSize::Tiny, PredictionType::Epsilon, 5).unwrap();
-            let folder = ModelFolder::open(&root).unwrap();
-            let mut tokenizer = folder.tokenizer().unwrap();
-            tokenizer.add_placeholder("<concept>").unwrap();
-            let opts = LoadOptions::default();
-            Loaded {
-                tokenizer,
-                text_encoder: folder.load_text_encoder(&opts).unwrap(),
-                unet: folder.load_unet(&opts).unwrap(),
-                vae: folder.load_vae(&opts).unwrap(),
-                schedule: NoiseSchedule::new(&folder.scheduler).unwrap(),
-                folder,
-                dir,
-            }
-        }
-
-        pub fn frozen(&self) -> FrozenModels<'_> {
-            FrozenModels {
-                text_encoder: &self.text_encoder,
-                unet: &self.unet,
-                vae: &self.vae,
-                schedule: &self.schedule,
-                prediction_type: self.folder.scheduler.prediction_type,
-            }
-        }
-    }
-
-    /// Standard normal draws of `shape` from a seeded stream of their own: tests run
-    /// in parallel threads, which would interleave draws from libtorch's one global
-    /// generator.
-    pub fn normal(seed: u64, shape: &[i64]) -> Tensor {
-        use rand::SeedableRng;
-        crate::dataset::standard_normal(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed), shape)
-    }
-
-    /// Every variable of `vars`, copied, by name.
-    pub fn snapshot(vars: &VarStore) -> Vec<(String, Tensor)> {
-        let mut all: Vec<_> = vars
-            .variables()
-            .into_iter()
-            .map(|(n, t)| (n, t.detach().copy()))
-            .collect();
-        all.sort_by(|a, b| a.0.cmp(&b.0));
-        all
-    }
-
-    /// Whether `vars` still hold the `before` values and collected no gradient.
-    pub fn unchanged(vars: &VarStore, before: &[(String, Tensor)]) -> bool {
-        let mut now: Vec<_> = vars.variables().into_iter().collect();
-        now.sort_by(|a, b| a.0.cmp(&b.0));
-        now.len() == before.len()
-            && now
-                .iter()
-                .zip(before)
-                .all(|((n, a), (m, b))| n == m && a.equal(b) && !a.grad().defined())
+        Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::test_support::{normal, snapshot, unchanged, Loaded};
     use super::*;
+    use crate::method::test_support::{normal, snapshot, unchanged, Loaded};
     use crate::model::{LoadOptions, ModelFolder};
     use tch::Device;
 

@@ -1,5 +1,5 @@
 //! Stage 2 of CoRe: fine-tuning every U-Net parameter for the concept's identity
-//! (method.md, "Stage 2"), with S* and the text encoder frozen and the diffusion loss
+//! (docs/method.md, "Stage 2"), with S* and the text encoder frozen and the diffusion loss
 //! on "a photo of a S*" alone.
 //!
 //! Mixed precision (CUDA only) keeps the U-Net's own fp32 weights as the master copy
@@ -16,10 +16,9 @@ use serde::{Deserialize, Serialize};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
-use crate::method::batch::Stage2Batch;
-use crate::method::stage1::{
-    check_batch, check_frozen, diffusion_loss, encode_latents, finite_value, training_prompt_ids,
-};
+use crate::dataset::Stage2Batch;
+use crate::method::checks::{check_batch, check_frozen, finite_value};
+use crate::method::diffusion::{diffusion_loss, encode_latents, training_prompt_ids};
 use crate::model::clip::ClipTextTransformer;
 use crate::model::config::UNetConfig;
 use crate::model::tokenizer::ClipTokenizer;
@@ -88,6 +87,7 @@ impl FromStr for MixedPrecision {
 pub struct Stage2Config {
     pub steps: usize,
     pub batch_size: usize,
+    #[serde(flatten)]
     pub optimizer: AdamWConfig,
     /// Recompute each U-Net block's activations during backward instead of keeping
     /// them: the same gradients for far less memory.
@@ -235,7 +235,7 @@ pub struct Stage2<'a> {
     /// The text encoder's output for "a photo of a S*", [1, 77, D]: both are frozen,
     /// so it is computed once.
     hidden: Tensor,
-    /// S* itself [D], for whoever renders with the U-Net being trained.
+    /// S* itself `[D]`, for whoever renders with the U-Net being trained.
     embedding: Tensor,
     /// Every U-Net variable by name, sorted.
     params: Vec<(String, Tensor)>,
@@ -243,7 +243,7 @@ pub struct Stage2<'a> {
 }
 
 impl<'a> Stage2<'a> {
-    /// `embedding` is the concept's S* from stage 1 ([D]); `tokenizer` must hold
+    /// `embedding` is the concept's S* from stage 1 (`[D]`); `tokenizer` must hold
     /// `placeholder`. The text encoder and VAE must be frozen. The U-Net's variables
     /// are unfrozen in fp32 mode (freeze them again after stage 2 if the U-Net is used
     /// for anything that should not train it).
@@ -356,7 +356,7 @@ impl<'a> Stage2<'a> {
         self.unet
     }
 
-    /// The concept's embedding S* [D] this stage trains with.
+    /// The concept's embedding S* `[D]` this stage trains with.
     pub fn concept_embedding(&self) -> &Tensor {
         &self.embedding
     }
@@ -557,7 +557,7 @@ impl<'a> Stage2<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::method::stage1::test_support::{normal, snapshot, Loaded};
+    use crate::method::test_support::{normal, snapshot, Loaded};
 
     fn batch(seed: u64) -> Stage2Batch {
         Stage2Batch {

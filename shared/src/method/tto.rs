@@ -1,4 +1,4 @@
-//! Test-time optimization (method.md, "Test-time optimization"): before generating
+//! Test-time optimization (docs/method.md, "Test-time optimization"): before generating
 //! one prompt, a few AdamW steps adapt a copy of the concept's S* so that the
 //! prompt's context around it matches the context around the super-category word,
 //! using only λ_emb·L_emb + λ_attn·L_attn (no diffusion loss), with the prompt as the
@@ -9,14 +9,14 @@ use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use crate::dataset::tto_batch;
-use crate::method::batch::TtoBatch;
+use crate::dataset::TtoBatch;
+use crate::method::checks::{check_frozen, check_weights, finite_value};
 use crate::method::context::ContextPair;
 use crate::method::losses::LossVariant;
 use crate::method::prompts::SLOT;
 use crate::method::regularization::{
     ContextRegularizer, RegularizationTerms, RegularizationWeights,
 };
-use crate::method::stage1::{check_frozen, check_weights, finite_value};
 use crate::model::clip::ClipTextTransformer;
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::unet::UNet2DConditionModel;
@@ -84,7 +84,7 @@ pub struct TtoStepLosses {
 /// The per-prompt embedding and how the losses went.
 #[derive(Debug)]
 pub struct TtoResult {
-    /// The adapted vector [D], fp32, detached.
+    /// The adapted vector `[D]`, fp32, detached.
     pub embedding: Tensor,
     pub losses: Vec<TtoStepLosses>,
 }
@@ -141,7 +141,7 @@ impl<'a> TestTimeOptimizer<'a> {
         })
     }
 
-    /// Optimizes a copy of `concept` (S* [D]) with the given batches, one step each,
+    /// Optimizes a copy of `concept` (S* `[D]`) with the given batches, one step each,
     /// on `latents` [L, 4, h, w] (the concept's training latents, already scaled by
     /// the VAE's scaling factor).
     pub fn run(
@@ -321,7 +321,7 @@ impl<'a> TestTimeOptimizer<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::method::stage1::test_support::{normal, snapshot, unchanged, Loaded};
+    use crate::method::test_support::{normal, snapshot, unchanged, Loaded};
     use tch::Device;
 
     fn optimizer<'a>(m: &'a Loaded, config: TtoConfig, prompt: &str) -> TestTimeOptimizer<'a> {

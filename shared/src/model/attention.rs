@@ -42,7 +42,7 @@ impl Attention {
     /// cross-attention), `None` for self-attention.
     ///
     /// There is no `upcast_attention` switch: the explicit path always computes scores
-    /// and softmax in at least fp32 (method.md: fp32 softmax whenever the weights are
+    /// and softmax in at least fp32 (docs/method.md: fp32 softmax whenever the weights are
     /// half precision), which covers what that diffusers flag asks for.
     pub fn new(
         p: nn::Path,

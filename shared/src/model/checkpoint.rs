@@ -6,6 +6,11 @@
 //! half (`shared/csrc/checkpoint.cpp`) is a custom libtorch autograd function whose
 //! forward and backward call back into the Rust closure given to [`checkpoint`].
 
+// The one FFI boundary of the library (the workspace denies `unsafe_code` elsewhere):
+// libtorch calls back into Rust closures through raw pointers. Every `unsafe` item
+// below states what it relies on.
+#![allow(unsafe_code)]
+
 use std::ffi::{c_char, c_void};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 

@@ -210,7 +210,7 @@ impl ClipTextTransformer {
     }
 
     /// Token embeddings of `ids` [B, T] where every position holding one of the
-    /// `placeholders`' ids takes that placeholder's vector [D] instead (its id may lie
+    /// `placeholders`' ids takes that placeholder's vector `[D]` instead (its id may lie
     /// beyond the table, e.g. 49408). Differentiable in the vectors, which are cast to
     /// the table's device and kind.
     pub fn embed_tokens_with(

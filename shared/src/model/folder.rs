@@ -7,8 +7,9 @@ use std::path::{Path, PathBuf};
 use tch::nn::VarStore;
 use tch::{Device, Kind};
 
+use crate::config_json::read_json;
 use crate::model::clip::ClipTextTransformer;
-use crate::model::config::{read_json, ClipTextConfig, ModelIndex, UNetConfig, VaeConfig};
+use crate::model::config::{ClipTextConfig, ModelIndex, UNetConfig, VaeConfig};
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::unet::UNet2DConditionModel;
 use crate::model::vae::AutoencoderKl;

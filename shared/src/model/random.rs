@@ -19,7 +19,7 @@ use crate::{Error, Result};
 
 /// How big a model to make. All keep SD 2.1's block structure (16 cross-attention
 /// layers, linear projections, GELU text encoder, 49408-token vocabulary).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ModelSize {
     /// Fast enough for every test on a CPU (a few MB).
     Tiny,

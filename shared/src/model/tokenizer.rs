@@ -345,7 +345,7 @@ impl ClipTokenizer {
     }
 
     /// The id of a vocabulary or added token, matched exactly (CLIP's word tokens end
-    /// in `</w>`: "dog</w>").
+    /// in `</w>`: `"dog</w>"`).
     pub fn token_id(&self, token: &str) -> Option<i64> {
         self.tokenizer.token_to_id(token).map(i64::from)
     }

@@ -11,6 +11,9 @@ use tch::Tensor;
 
 use crate::model::config::VaeConfig;
 
+/// Pixels per latent along each side: SD's VAE halves the resolution three times.
+pub const VAE_SCALE_FACTOR: u32 = 8;
+
 const NORM_EPS: f64 = 1e-6;
 
 fn group_norm(p: nn::Path, groups: i64, channels: i64) -> nn::GroupNorm {

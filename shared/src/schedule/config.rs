@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::model::config::read_json;
+use crate::config_json::read_json;
 use crate::{Error, Result};
 
 /// What the U-Net predicts, and hence what the training loss compares it with.

@@ -15,6 +15,7 @@ pub mod config;
 pub mod ddim;
 pub mod dpm_solver;
 pub mod euler;
+pub mod kind;
 pub mod noise;
 pub mod sampler;
 mod spacing;
@@ -23,5 +24,6 @@ pub use config::{BetaSchedule, PredictionType, SchedulerConfig, TimestepSpacing}
 pub use ddim::Ddim;
 pub use dpm_solver::DpmSolverMultistep;
 pub use euler::EulerDiscrete;
+pub use kind::SamplerKind;
 pub use noise::NoiseSchedule;
-pub use sampler::{Sampler, SamplerKind};
+pub use sampler::Sampler;

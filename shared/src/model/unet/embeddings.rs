@@ -4,7 +4,7 @@
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
-/// diffusers' `get_timestep_embedding` with `max_period` 10000 and scale 1: [N] → [N, dim].
+/// diffusers' `get_timestep_embedding` with `max_period` 10000 and scale 1: `[N]` → [N, dim].
 ///
 /// Computed in fp32 whatever the timesteps' kind (int64 from training, fractional
 /// floats from Euler samplers), as diffusers does: the caller casts the result to the

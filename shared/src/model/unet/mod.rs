@@ -197,7 +197,7 @@ impl UNet2DConditionModel {
     }
 
     /// The model prediction for `sample` [B, in_channels, H, W] (any H, W) at
-    /// `timesteps` (a scalar, [1] or [B]; integer or fractional) conditioned on
+    /// `timesteps` (a scalar, `[1]` or `[B]`; integer or fractional) conditioned on
     /// `encoder_hidden_states` [B, tokens, cross_attention_dim].
     ///
     /// Inputs must have the weights' kind and device (timesteps may be on any device);
