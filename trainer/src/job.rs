@@ -82,7 +82,7 @@ pub struct StoreSpec {
 pub struct TrainingSpec {
     #[serde(default)]
     pub seed: u64,
-    /// Training image size in pixels (method.md: 512).
+    /// Training image size in pixels (docs/method.md, "Stage 1": 512).
     #[serde(default = "resolution")]
     pub resolution: u32,
     /// `animate`, `inanimate`, `universal`, `single` (the "without the prompt set"

@@ -83,7 +83,7 @@ impl PreviewPlan {
     }
 
     /// One PNG per template, in template order, for the concept whose placeholder
-    /// `placeholder` has id `placeholder_id` and vector `embedding` [D].
+    /// `placeholder` has id `placeholder_id` and vector `embedding` `[D]`.
     pub fn render(
         &self,
         pipeline: &Pipeline<'_>,

@@ -114,35 +114,8 @@ async fn serve_async(config: ServiceConfig) -> anyhow::Result<()> {
         .add_service(reflection)
         .add_service(trainer);
 
-    let health_on_ready = health.clone();
-    let metrics = shared.metrics.clone();
-    let readiness = async move {
-        match ready_rx.await {
-            Ok(Ok(())) => {
-                health_on_ready.set(ServingStatus::Serving).await;
-                metrics.ready.set(1);
-                tracing::info!("ready");
-                Ok(())
-            }
-            Ok(Err(e)) => Err(anyhow::anyhow!(e)),
-            Err(_) => Err(anyhow::anyhow!(
-                "the model thread ended before it was ready"
-            )),
-        }
-    };
-    let grace = config.shutdown_grace();
-    let stopping = shared.clone();
-    let shutdown = async move {
-        server::wait_for_signal().await;
-        tracing::warn!("shutting down: NOT_SERVING, checkpointing the running job");
-        health.set(ServingStatus::NotServing).await;
-        stopping.shutdown.store(true, Ordering::SeqCst);
-        stopping.wake();
-        let joined = tokio::task::spawn_blocking(move || worker_thread.join());
-        if tokio::time::timeout(grace, joined).await.is_err() {
-            tracing::warn!("the running job did not stop within the grace period");
-        }
-    };
+    let readiness = mark_ready(ready_rx, health.clone(), shared.clone());
+    let shutdown = drain_on_signal(health, shared, worker_thread, config.shutdown_grace());
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let server = router.serve_with_incoming_shutdown(incoming, shutdown);
     tokio::pin!(server);
@@ -151,6 +124,46 @@ async fn serve_async(config: ServiceConfig) -> anyhow::Result<()> {
         ready = readiness => ready?,
     }
     server.await.map_err(Into::into)
+}
+
+/// Health turns SERVING once the model thread reports the base model loaded; an error
+/// there ends the service.
+async fn mark_ready(
+    ready: tokio::sync::oneshot::Receiver<Result<(), String>>,
+    health: Health,
+    shared: Arc<WorkerShared>,
+) -> anyhow::Result<()> {
+    match ready.await {
+        Ok(Ok(())) => {
+            health.set(ServingStatus::Serving).await;
+            shared.metrics.ready.set(1);
+            tracing::info!("ready");
+            Ok(())
+        }
+        Ok(Err(e)) => Err(anyhow::anyhow!(e)),
+        Err(_) => Err(anyhow::anyhow!(
+            "the model thread ended before it was ready"
+        )),
+    }
+}
+
+/// On SIGTERM/SIGINT: NOT_SERVING first, then the model thread checkpoints the running
+/// job and gives it back, within `grace`.
+async fn drain_on_signal(
+    health: Health,
+    shared: Arc<WorkerShared>,
+    worker_thread: std::thread::JoinHandle<()>,
+    grace: std::time::Duration,
+) {
+    server::wait_for_signal().await;
+    tracing::warn!("shutting down: NOT_SERVING, checkpointing the running job");
+    health.set(ServingStatus::NotServing).await;
+    shared.shutdown.store(true, Ordering::SeqCst);
+    shared.wake();
+    let joined = tokio::task::spawn_blocking(move || worker_thread.join());
+    if tokio::time::timeout(grace, joined).await.is_err() {
+        tracing::warn!("the running job did not stop within the grace period");
+    }
 }
 
 /// Reads the configuration for `serve`.

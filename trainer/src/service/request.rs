@@ -40,6 +40,82 @@ fn invalid(field: &str, message: impl std::fmt::Display) -> Status {
     Status::invalid_argument(format!("{field}: {message}"))
 }
 
+/// A count in the proto (u32) as the job file holds it.
+fn count(value: Option<u32>) -> Option<usize> {
+    value.map(|v| v as usize)
+}
+
+/// The request's photos, each inline one decoded within the limits and each stored one
+/// a safe key, with the field of a bad one named.
+fn request_images(images: Vec<pb::TrainingImage>) -> Result<Vec<RequestImage>, Status> {
+    if images.is_empty() {
+        return Err(invalid("spec.images", "a job needs at least one photo"));
+    }
+    if images.len() > MAX_IMAGES {
+        return Err(invalid(
+            "spec.images",
+            format!(
+                "{} photos; a job trains on at most {MAX_IMAGES}",
+                images.len()
+            ),
+        ));
+    }
+    let limits = ImageLimits::default();
+    images
+        .into_iter()
+        .enumerate()
+        .map(|(i, image)| {
+            let field = format!("spec.images[{i}]");
+            match image.source {
+                Some(pb::training_image::Source::Data(bytes)) => {
+                    decode_training_image(&bytes, &limits).map_err(|e| invalid(&field, e))?;
+                    Ok(RequestImage::Inline(bytes))
+                }
+                Some(pb::training_image::Source::ObjectKey(key)) => {
+                    check_object_key(&key).map_err(|e| invalid(&field, e))?;
+                    Ok(RequestImage::Stored(key))
+                }
+                None => Err(invalid(&field, "give `data` or `object_key`")),
+            }
+        })
+        .collect()
+}
+
+fn stage1_spec(stage1: pb::Stage1Parameters) -> Stage1Spec {
+    Stage1Spec {
+        steps: count(stage1.steps),
+        batch_size: count(stage1.batch_size),
+        learning_rate: stage1.learning_rate,
+        weight_decay: stage1.weight_decay,
+        lambda_embedding: stage1.lambda_embedding,
+        lambda_attention: stage1.lambda_attention,
+        embedding_loss: !stage1.disable_embedding_loss,
+        attention_loss: !stage1.disable_attention_loss,
+        rescaling: !stage1.disable_rescaling,
+        rescale_record_at: count(stage1.rescale_record_at),
+        rescale_until: count(stage1.rescale_until),
+    }
+}
+
+fn stage2_spec(stage2: pb::Stage2Parameters) -> Result<Stage2Spec, Status> {
+    let precision = match pb::Precision::try_from(stage2.precision) {
+        Ok(pb::Precision::Unspecified) => None,
+        Ok(pb::Precision::Fp32) => Some("fp32"),
+        Ok(pb::Precision::Bf16) => Some("bf16"),
+        Ok(pb::Precision::Fp16) => Some("fp16"),
+        Err(_) => return Err(invalid("spec.stage2.precision", "unknown value")),
+    };
+    Ok(Stage2Spec {
+        steps: count(stage2.steps),
+        batch_size: count(stage2.batch_size),
+        learning_rate: stage2.learning_rate,
+        weight_decay: stage2.weight_decay,
+        gradient_checkpointing: stage2.gradient_checkpointing,
+        precision: precision.map(String::from),
+        delta_rank: count(stage2.delta_rank),
+    })
+}
+
 impl TrainingRequest {
     /// Checks `spec` completely — ranges, names, images (decoded within the limits),
     /// the category and every prompt against the tokenizer — before anything is stored.
@@ -48,35 +124,7 @@ impl TrainingRequest {
         spec: pb::TrainingJobSpec,
         tokenizer: &ClipTokenizer,
     ) -> Result<(TrainingRequest, Vec<RequestImage>), Status> {
-        if spec.images.is_empty() {
-            return Err(invalid("spec.images", "a job needs at least one photo"));
-        }
-        if spec.images.len() > MAX_IMAGES {
-            return Err(invalid(
-                "spec.images",
-                format!(
-                    "{} photos; a job trains on at most {MAX_IMAGES}",
-                    spec.images.len()
-                ),
-            ));
-        }
-        let limits = ImageLimits::default();
-        let mut images = Vec::with_capacity(spec.images.len());
-        for (i, image) in spec.images.into_iter().enumerate() {
-            let field = format!("spec.images[{i}]");
-            match image.source {
-                Some(pb::training_image::Source::Data(bytes)) => {
-                    decode_training_image(&bytes, &limits).map_err(|e| invalid(&field, e))?;
-                    images.push(RequestImage::Inline(bytes));
-                }
-                Some(pb::training_image::Source::ObjectKey(key)) => {
-                    check_object_key(&key).map_err(|e| invalid(&field, e))?;
-                    images.push(RequestImage::Stored(key));
-                }
-                None => return Err(invalid(&field, "give `data` or `object_key`")),
-            }
-        }
-
+        let images = request_images(spec.images)?;
         let prompt_set = match pb::PromptSet::try_from(spec.prompt_set) {
             Ok(pb::PromptSet::Unspecified | pb::PromptSet::Animate) => "animate",
             Ok(pb::PromptSet::Inanimate) => "inanimate",
@@ -90,18 +138,8 @@ impl TrainingRequest {
             Ok(pb::LossVariant::Paper) => "paper",
             Err(_) => return Err(invalid("spec.loss_variant", "unknown value")),
         };
-        let stage1 = spec.stage1.unwrap_or_default();
-        let stage2 = spec.stage2.unwrap_or_default();
-        let precision = match pb::Precision::try_from(stage2.precision) {
-            Ok(pb::Precision::Unspecified) => None,
-            Ok(pb::Precision::Fp32) => Some("fp32"),
-            Ok(pb::Precision::Bf16) => Some("bf16"),
-            Ok(pb::Precision::Fp16) => Some("fp16"),
-            Err(_) => return Err(invalid("spec.stage2.precision", "unknown value")),
-        };
         let previews = spec.previews.unwrap_or_default();
         let non_empty = |s: String| (!s.is_empty()).then_some(s);
-        let count = |v: Option<u32>| v.map(|v| v as usize);
         let request = TrainingRequest {
             concept: ConceptSpec {
                 name: spec.concept_name,
@@ -119,28 +157,8 @@ impl TrainingRequest {
                 custom_prompts: spec.custom_prompts,
                 loss_variant: loss_variant.into(),
             },
-            stage1: Stage1Spec {
-                steps: count(stage1.steps),
-                batch_size: count(stage1.batch_size),
-                learning_rate: stage1.learning_rate,
-                weight_decay: stage1.weight_decay,
-                lambda_embedding: stage1.lambda_embedding,
-                lambda_attention: stage1.lambda_attention,
-                embedding_loss: !stage1.disable_embedding_loss,
-                attention_loss: !stage1.disable_attention_loss,
-                rescaling: !stage1.disable_rescaling,
-                rescale_record_at: count(stage1.rescale_record_at),
-                rescale_until: count(stage1.rescale_until),
-            },
-            stage2: Stage2Spec {
-                steps: count(stage2.steps),
-                batch_size: count(stage2.batch_size),
-                learning_rate: stage2.learning_rate,
-                weight_decay: stage2.weight_decay,
-                gradient_checkpointing: stage2.gradient_checkpointing,
-                precision: precision.map(String::from),
-                delta_rank: count(stage2.delta_rank),
-            },
+            stage1: stage1_spec(spec.stage1.unwrap_or_default()),
+            stage2: stage2_spec(spec.stage2.unwrap_or_default())?,
             checkpoints: CheckpointSpec {
                 every: spec
                     .checkpoint_every

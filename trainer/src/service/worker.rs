@@ -174,13 +174,25 @@ impl Worker {
         let result = job.run(model);
         self.shared.metrics.running.set(0);
         let lost = control.lost.get();
-        let (Some(lease), mut status) = (control.lease.take(), control.status.take()) else {
+        let (Some(lease), status) = (control.lease.take(), control.status.take()) else {
             return Ok(());
         };
         if lost {
             tracing::warn!("another replica took the job over; stopped");
             return Ok(());
         }
+        self.record_outcome(result, lease, status, version)
+    }
+
+    /// Ends the job's attempt in the store as `result` says: succeeded, cancelled,
+    /// failed, or given back for any replica to resume.
+    fn record_outcome(
+        &self,
+        result: Result<String, JobFailure>,
+        lease: Lease,
+        mut status: JobStatus,
+        version: String,
+    ) -> Result<(), job_store::Error> {
         match result {
             Ok(summary) => {
                 tracing::info!("{summary}");
