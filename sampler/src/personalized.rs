@@ -1,6 +1,6 @@
 //! Personalized generation: a concept's learned token S* and U-Net delta on the base
 //! model, and for each prompt, optionally, CoRe's test-time optimization of S* first
-//! (method.md, "Test-time optimization"). The one-shot `generate` command runs it
+//! (docs/method.md, "Test-time optimization"). The one-shot `generate` command runs it
 //! now; the gRPC service will run the same on its model thread.
 
 use std::ops::ControlFlow;
@@ -30,7 +30,7 @@ pub struct ActiveConcept {
     pub category: String,
     tokenizer: ClipTokenizer,
     token_id: i64,
-    /// S* [D], fp32 on the CPU.
+    /// S* `[D]`, fp32 on the CPU.
     embedding: Tensor,
     /// The training photos' latents [N, C, h, w], which test-time optimization noises.
     training_latents: Tensor,

@@ -19,7 +19,7 @@ Two commands, run with cwd `tests/reference` as `python -m core_reference ...`:
 The concept embedding enters the text encoder as textual inversion does it: the token
 embedding table is resized by one row, which holds the embedding, and the gradient is
 read off that row. The category prompt's passes run under torch.no_grad(). This file
-is written from the method's description (shared/docs/method.md) independently of the
+is written from the method's description (docs/method.md) independently of the
 Rust code.
 """
 

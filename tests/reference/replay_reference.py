@@ -1,6 +1,6 @@
 """Python reference for CoRe's training loops, replaying recorded random inputs.
 
-Written from method.md on top of diffusers/transformers and torch.optim.AdamW,
+Written from docs/method.md on top of diffusers/transformers and torch.optim.AdamW,
 independently of the Rust code. Run with cwd `tests/reference`:
 
   run --model DIR --replay REPLAY.safetensors --prompts FILE --placeholder TOKEN
@@ -26,7 +26,7 @@ independently of the Rust code. Run with cwd `tests/reference`:
 
 The concept token is added to transformers' CLIPTokenizer and its vector is appended
 to the text encoder's embedding table (a trainable row, the rest frozen), as textual
-inversion does. Losses follow method.md: L_emb compares the text encoder outputs of
+inversion does. Losses follow docs/method.md: L_emb compares the text encoder outputs of
 y* and y_cat at the context positions (start token through end token, without the
 concept position); L_attn compares the 16 cross-attention layers' per-token attention
 (post-softmax probabilities averaged over heads and query positions) on the step's

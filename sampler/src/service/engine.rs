@@ -1,5 +1,5 @@
-//! The model thread: it alone owns the base model's tensors (design.md, "Execution
-//! model"). Generations reach it over a channel, one at a time; it switches the U-Net
+//! The model thread: it alone owns the base model's tensors (README.md, "Load and
+//! cancellation"). Generations reach it over a channel, one at a time; it switches the U-Net
 //! to the generation's concept (from the untouched base weights, so nothing drifts),
 //! renders, and streams progress and images back. Between denoising steps it checks
 //! whether the client is still there, so a cancelled call stops within one step.

@@ -1,6 +1,6 @@
-//! `coreg-sampler serve`: the generation service. The gRPC handlers ([`api`]) check
+//! `coreg-sampler serve`: the generation service. The gRPC handlers (`api`) check
 //! requests, admit a bounded number, and load concepts through the cache
-//! ([`concepts`]); one model thread ([`engine`]) owns the base model and runs the
+//! (`concepts`); one model thread (`engine`) owns the base model and runs the
 //! generations. Health stays NOT_SERVING until the model is loaded and has generated
 //! once, and turns NOT_SERVING first on SIGTERM, while admitted generations drain.
 
