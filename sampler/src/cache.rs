@@ -2,8 +2,9 @@
 //! for a recently used concept skips the store reads, digest checks and decoding.
 //! Bounded by a byte budget and evicted least-recently-used. It holds each concept's
 //! embedding and U-Net *delta*; the model's U-Net is set from the untouched base
-//! weights plus the delta on every switch ([`coreg::base_model::BaseModel::
-//! use_unet_delta`]), so no number of switches drifts the base.
+//! weights plus the delta on every switch
+//! ([`BaseModel::use_unet_delta`](coreg::base_model::BaseModel::use_unet_delta)), so no
+//! number of switches drifts the base.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -27,12 +28,14 @@ pub type ConceptCache = ByteBudgetLru<ConceptKey, Arc<SharedConcept>>;
 /// manifest) and the model thread generates with.
 pub struct SharedConcept(LoadedConcept);
 
+// The workspace denies `unsafe_code`; this is one of its two exceptions.
 // SAFETY: tch marks tensors `Send` but not `Sync` because a `&Tensor` can reach
 // libtorch's in-place operations. A `SharedConcept`'s tensors are never written after
 // `read_concept` built them: the model thread only reads them (the embedding is
 // copied, the delta is added into the U-Net's own variables), and the gRPC tasks touch
 // only the plain-data manifest. Concurrent reads of an unchanging tensor, and
 // libtorch's atomic reference counts, are thread-safe.
+#[allow(unsafe_code)]
 unsafe impl Sync for SharedConcept {}
 
 impl SharedConcept {

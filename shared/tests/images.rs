@@ -32,6 +32,9 @@ fn note(size: usize) {
     let _ = LARGEST.try_with(|largest| largest.set(largest.get().max(size)));
 }
 
+// Test-only: a counting allocator proves the header check refuses a decompression
+// bomb before allocating its pixels. It forwards every call to `System` unchanged.
+#[allow(unsafe_code)]
 unsafe impl GlobalAlloc for LargestAllocation {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         note(layout.size());
