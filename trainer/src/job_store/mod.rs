@@ -31,9 +31,6 @@ mod index;
 mod record;
 
 #[cfg(test)]
-#[path = "../../../shared/tests/support/mod.rs"]
-mod support;
-#[cfg(test)]
 mod tests;
 
 use coreg::store::Store;

@@ -8,12 +8,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use chrono::{DateTime, TimeDelta, Utc};
 use coreg::store::Store;
+use coreg_test_support::moto::MotoServer;
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinSet;
 
 use super::claim::Claim;
 use super::index::JobPage;
-use super::support::moto::MotoServer;
 use super::*;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
