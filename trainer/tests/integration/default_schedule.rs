@@ -76,6 +76,81 @@ fn read(runtime: &Runtime, store: &Store) -> LoadedConcept {
         .unwrap_or_else(|e| panic!("the concept does not verify: {e}"))
 }
 
+/// Puts the fixture's photos under `uploads/` in `store`; their keys as TOML strings.
+fn upload_photos(runtime: &Runtime, store: &Store, fx: &Fixture) -> Vec<String> {
+    let mut keys = Vec::new();
+    for i in 0..3 {
+        let bytes = std::fs::read(fx.path(&format!("photos/{i}.png"))).unwrap();
+        let key = format!("uploads/{i}.png");
+        runtime
+            .block_on(store.put_overwrite(&key, Bytes::from(bytes)))
+            .unwrap();
+        keys.push(format!("{key:?}"));
+    }
+    keys
+}
+
+/// The manifest records both full stages with the paper's defaults and finite losses.
+fn assert_the_default_schedule(concept: &LoadedConcept) {
+    let manifest = &concept.manifest;
+    assert_eq!(manifest.losses.stage1["total"].len(), STAGE1_STEPS);
+    assert_eq!(manifest.losses.stage2["diffusion"].len(), STAGE2_STEPS);
+    let stage1 = &manifest.hyper_parameters["stage1"];
+    assert_eq!(stage1["steps"], 300);
+    assert_eq!(stage1["batch_size"], 6);
+    assert_eq!(stage1["learning_rate"], 5e-3);
+    assert_eq!(manifest.hyper_parameters["stage2"]["steps"], 1000);
+    assert_eq!(manifest.hyper_parameters["stage2"]["batch_size"], 4);
+    assert!(
+        manifest
+            .losses
+            .stage1
+            .values()
+            .flatten()
+            .all(|l| l.is_finite()),
+        "non-finite stage-1 loss recorded"
+    );
+}
+
+/// The finished job keeps its previews (changing as training goes) and drops its
+/// checkpoints.
+fn assert_previews_kept_and_checkpoints_dropped(runtime: &Runtime, s3: &Store) {
+    let job_files: Vec<String> = runtime
+        .block_on(s3.list("jobs/full/"))
+        .unwrap()
+        .into_iter()
+        .map(|o| o.path)
+        .collect();
+    assert!(
+        !job_files.iter().any(|p| p.contains("/checkpoints/")),
+        "checkpoints outlive the concept: {job_files:?}"
+    );
+    let previews: Vec<&String> = job_files.iter().filter(|p| p.ends_with(".png")).collect();
+    let expected = (STAGE1_STEPS / PREVIEW_EVERY + STAGE2_STEPS / PREVIEW_EVERY) * 2;
+    assert_eq!(previews.len(), expected, "{previews:?}");
+    assert!(job_files.contains(&"jobs/full/previews/plan.json".to_string()));
+
+    let preview = |name: &str| -> Vec<u8> {
+        runtime
+            .block_on(s3.get(&format!("jobs/full/previews/{name}")))
+            .unwrap()
+            .to_vec()
+    };
+    let first = preview("stage1-000100-0.png");
+    let image = image::load_from_memory(&first).unwrap();
+    assert_eq!((image.width(), image.height()), (64, 64));
+    assert_ne!(
+        first,
+        preview("stage1-000300-0.png"),
+        "the preview did not change while the embedding trained"
+    );
+    assert_ne!(
+        preview("stage1-000300-0.png"),
+        preview("stage2-001000-0.png"),
+        "the preview did not change while the U-Net trained"
+    );
+}
+
 #[test]
 #[ignore = "slow lane: make test-slow"]
 fn the_default_schedule_writes_the_same_verified_concept_on_file_and_s3() {
@@ -86,15 +161,7 @@ fn the_default_schedule_writes_the_same_verified_concept_on_file_and_s3() {
     let s3 = Store::open("s3://coreg-jobs/team-a", moto.options()).unwrap();
 
     // The S3 job reads its photos from the store, in the folder's (sorted) order.
-    let mut keys = Vec::new();
-    for i in 0..3 {
-        let bytes = std::fs::read(fx.path(&format!("photos/{i}.png"))).unwrap();
-        let key = format!("uploads/{i}.png");
-        runtime
-            .block_on(s3.put_overwrite(&key, Bytes::from(bytes)))
-            .unwrap();
-        keys.push(format!("{key:?}"));
-    }
+    let keys = upload_photos(&runtime, &s3, &fx);
     let options: String = moto
         .options()
         .iter()
@@ -130,24 +197,7 @@ fn the_default_schedule_writes_the_same_verified_concept_on_file_and_s3() {
     let on_file = read(&runtime, &file);
     let on_s3 = read(&runtime, &s3);
     for concept in [&on_file, &on_s3] {
-        let manifest = &concept.manifest;
-        assert_eq!(manifest.losses.stage1["total"].len(), STAGE1_STEPS);
-        assert_eq!(manifest.losses.stage2["diffusion"].len(), STAGE2_STEPS);
-        let stage1 = &manifest.hyper_parameters["stage1"];
-        assert_eq!(stage1["steps"], 300);
-        assert_eq!(stage1["batch_size"], 6);
-        assert_eq!(stage1["learning_rate"], 5e-3);
-        assert_eq!(manifest.hyper_parameters["stage2"]["steps"], 1000);
-        assert_eq!(manifest.hyper_parameters["stage2"]["batch_size"], 4);
-        assert!(
-            manifest
-                .losses
-                .stage1
-                .values()
-                .flatten()
-                .all(|l| l.is_finite()),
-            "non-finite stage-1 loss recorded"
-        );
+        assert_the_default_schedule(concept);
     }
     assert_eq!(
         on_s3.manifest.blobs, on_file.manifest.blobs,
@@ -162,38 +212,5 @@ fn the_default_schedule_writes_the_same_verified_concept_on_file_and_s3() {
     );
 
     // The finished S3 job keeps its previews and drops its checkpoints.
-    let job_files: Vec<String> = runtime
-        .block_on(s3.list("jobs/full/"))
-        .unwrap()
-        .into_iter()
-        .map(|o| o.path)
-        .collect();
-    assert!(
-        !job_files.iter().any(|p| p.contains("/checkpoints/")),
-        "checkpoints outlive the concept: {job_files:?}"
-    );
-    let previews: Vec<&String> = job_files.iter().filter(|p| p.ends_with(".png")).collect();
-    let expected = (STAGE1_STEPS / PREVIEW_EVERY + STAGE2_STEPS / PREVIEW_EVERY) * 2;
-    assert_eq!(previews.len(), expected, "{previews:?}");
-    assert!(job_files.contains(&"jobs/full/previews/plan.json".to_string()));
-
-    let preview = |name: &str| -> Vec<u8> {
-        runtime
-            .block_on(s3.get(&format!("jobs/full/previews/{name}")))
-            .unwrap()
-            .to_vec()
-    };
-    let first = preview("stage1-000100-0.png");
-    let image = image::load_from_memory(&first).unwrap();
-    assert_eq!((image.width(), image.height()), (64, 64));
-    assert_ne!(
-        first,
-        preview("stage1-000300-0.png"),
-        "the preview did not change while the embedding trained"
-    );
-    assert_ne!(
-        preview("stage1-000300-0.png"),
-        preview("stage2-001000-0.png"),
-        "the preview did not change while the U-Net trained"
-    );
+    assert_previews_kept_and_checkpoints_dropped(&runtime, &s3);
 }

@@ -3,6 +3,9 @@
 //! --test integration serve_input` runs one area. The full default schedule
 //! ([`default_schedule`]) is ignored here: the slow lane (`make test-slow`) runs it.
 
+// As in the trainer itself: a function over ~80 lines (clippy.toml) mixes ideas.
+#![warn(clippy::too_many_lines)]
+
 mod common;
 
 mod default_schedule;

@@ -8,6 +8,7 @@ use std::time::Duration;
 use coreg::artifact::{read_concept, LoadedConcept};
 use coreg::store::Store;
 use coreg_proto::v1 as pb;
+use coreg_proto::v1::trainer_service_client::TrainerServiceClient;
 use coreg_test_support::fixture::Fixture;
 use coreg_test_support::moto::MotoServer;
 use coreg_test_support::photos::read_all as photos;
@@ -17,6 +18,7 @@ use coreg_test_support::trainer::{
     create, get, is_final, spec, starts_of, state, wait_for, wait_succeeded,
 };
 use futures::StreamExt;
+use tonic::transport::Channel;
 
 use crate::common::server::TrainerServer;
 
@@ -35,6 +37,51 @@ async fn stored(store: &str, prefix: &str) -> Vec<String> {
     let store = Store::open(store, Vec::<(String, String)>::new()).unwrap();
     let objects = store.list(prefix).await.unwrap();
     objects.into_iter().map(|o| o.path).collect()
+}
+
+/// Every event of the job's watch stream, to its end.
+async fn watch_to_the_end(
+    client: &mut TrainerServiceClient<Channel>,
+    id: &str,
+) -> Vec<pb::training_job_event::Event> {
+    let mut events = client
+        .watch_training_job(pb::WatchTrainingJobRequest { id: id.to_owned() })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seen = Vec::new();
+    while let Some(event) = tokio::time::timeout(JOB_TIMEOUT, events.next())
+        .await
+        .expect("the watch stream stalled")
+    {
+        seen.push(event.unwrap().event.unwrap());
+    }
+    seen
+}
+
+/// The stream starts with the job, and its progress moves forward: stage by stage,
+/// step by step.
+fn assert_progress_moves_forward(seen: &[pb::training_job_event::Event]) {
+    assert!(
+        matches!(seen.first(), Some(pb::training_job_event::Event::Job(_))),
+        "the stream must start with the job"
+    );
+    let progress: Vec<(i32, u32, u32)> = seen
+        .iter()
+        .filter_map(|e| match e {
+            pb::training_job_event::Event::Progress(p) => Some((p.stage, p.step, p.total_steps)),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        progress
+            .windows(2)
+            .all(|w| (w[0].0, w[0].1) <= (w[1].0, w[1].1)),
+        "{progress:?}"
+    );
+    assert!(progress
+        .iter()
+        .all(|&(_, step, total)| step <= total && total > 0));
 }
 
 /// Submits a job, watches it to the end and checks the concept it wrote.
@@ -63,43 +110,12 @@ async fn submit_watch_and_verify(
     .await;
     assert_eq!(again.id, job.id);
 
-    let mut events = client
-        .watch_training_job(pb::WatchTrainingJobRequest { id: job.id.clone() })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut seen = Vec::new();
-    while let Some(event) = tokio::time::timeout(JOB_TIMEOUT, events.next())
-        .await
-        .expect("the watch stream stalled")
-    {
-        seen.push(event.unwrap().event.unwrap());
-    }
+    let seen = watch_to_the_end(&mut client, &job.id).await;
     let Some(pb::training_job_event::Event::Job(last)) = seen.last() else {
         panic!("the stream must end with the job: {seen:?}");
     };
     assert_eq!(state(last), pb::JobState::Succeeded, "{last:?}");
-    assert!(
-        matches!(seen.first(), Some(pb::training_job_event::Event::Job(_))),
-        "the stream must start with the job"
-    );
-    // Progress moves forward: stage by stage, step by step.
-    let progress: Vec<(i32, u32, u32)> = seen
-        .iter()
-        .filter_map(|e| match e {
-            pb::training_job_event::Event::Progress(p) => Some((p.stage, p.step, p.total_steps)),
-            _ => None,
-        })
-        .collect();
-    assert!(
-        progress
-            .windows(2)
-            .all(|w| (w[0].0, w[0].1) <= (w[1].0, w[1].1)),
-        "{progress:?}"
-    );
-    assert!(progress
-        .iter()
-        .all(|&(_, step, total)| step <= total && total > 0));
+    assert_progress_moves_forward(&seen);
 
     let version = last.concept.as_ref().unwrap().version.clone();
     assert_eq!(
@@ -162,6 +178,31 @@ async fn the_same_over_a_real_s3_api() {
     submit_watch_and_verify(&server, &fx, "s3://jobs", &options).await;
 }
 
+/// Every job id ListTrainingJobs returns, page by page of `page_size`.
+async fn list_in_pages(
+    client: &mut TrainerServiceClient<Channel>,
+    page_size: u32,
+) -> Vec<Vec<String>> {
+    let mut pages = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = client
+            .list_training_jobs(pb::ListTrainingJobsRequest {
+                page_size,
+                page_token: token.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        pages.push(page.jobs.iter().map(|j| j.id.clone()).collect::<Vec<_>>());
+        if page.next_page_token.is_empty() {
+            return pages;
+        }
+        token = page.next_page_token;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lists_page_through_25_jobs_and_cancel_leaves_nothing_half_written() {
     let fx = Fixture::with_photos();
@@ -193,24 +234,7 @@ async fn lists_page_through_25_jobs_and_cancel_leaves_nothing_half_written() {
     .await;
     assert_eq!(state(&running), pb::JobState::Running);
 
-    let mut pages = Vec::new();
-    let mut token = String::new();
-    loop {
-        let page = client
-            .list_training_jobs(pb::ListTrainingJobsRequest {
-                page_size: 10,
-                page_token: token.clone(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        pages.push(page.jobs.iter().map(|j| j.id.clone()).collect::<Vec<_>>());
-        if page.next_page_token.is_empty() {
-            break;
-        }
-        token = page.next_page_token;
-    }
+    let pages = list_in_pages(&mut client, 10).await;
     assert_eq!(pages.iter().map(Vec::len).collect::<Vec<_>>(), [10, 10, 5]);
     let mut listed: Vec<String> = pages.concat();
     // Newest first.

@@ -96,32 +96,62 @@ fn large_png() -> Vec<u8> {
     bytes
 }
 
-/// Every hostile request, each otherwise a valid job on the fixture's photos.
-fn cases(photos: &[Vec<u8>]) -> Vec<Case> {
-    let valid = || spec(photos, "", 6, 4, 3);
-    let with = |change: &dyn Fn(&mut pb::TrainingJobSpec)| {
-        let mut spec = valid();
+/// Builds each hostile request from a valid job on the fixture's photos.
+struct Requests<'a> {
+    photos: &'a [Vec<u8>],
+}
+
+impl Requests<'_> {
+    fn valid(&self) -> pb::TrainingJobSpec {
+        spec(self.photos, "", 6, 4, 3)
+    }
+
+    /// The valid job with `change` made.
+    fn with(&self, change: &dyn Fn(&mut pb::TrainingJobSpec)) -> pb::CreateTrainingJobRequest {
+        let mut spec = self.valid();
         change(&mut spec);
         request(spec)
-    };
-    let stage1 = |change: &dyn Fn(&mut pb::Stage1Parameters)| {
-        with(&|spec| change(spec.stage1.as_mut().unwrap()))
-    };
-    let stage2 = |change: &dyn Fn(&mut pb::Stage2Parameters)| {
-        with(&|spec| change(spec.stage2.as_mut().unwrap()))
-    };
-    let custom = |prompts: &[&str]| {
-        with(&|spec| {
+    }
+
+    fn stage1(&self, change: &dyn Fn(&mut pb::Stage1Parameters)) -> pb::CreateTrainingJobRequest {
+        self.with(&|spec| change(spec.stage1.as_mut().unwrap()))
+    }
+
+    fn stage2(&self, change: &dyn Fn(&mut pb::Stage2Parameters)) -> pb::CreateTrainingJobRequest {
+        self.with(&|spec| change(spec.stage2.as_mut().unwrap()))
+    }
+
+    fn custom(&self, prompts: &[&str]) -> pb::CreateTrainingJobRequest {
+        self.with(&|spec| {
             spec.prompt_set = pb::PromptSet::Custom.into();
             spec.custom_prompts = prompts.iter().map(|p| p.to_string()).collect();
         })
-    };
-    let concept_name = |name: String| with(&move |spec| spec.concept_name = name.clone());
-    // 100 single-token words: far over CLIP's 77 tokens, far under the 1000-byte
-    // template limit, so the token count is what must refuse it.
-    let long_prompt = format!("a photo of {{}} {}", "dog ".repeat(100).trim_end());
-    let invalid = Code::InvalidArgument;
+    }
 
+    fn concept_name(&self, name: String) -> pb::CreateTrainingJobRequest {
+        self.with(&move |spec| spec.concept_name = name.clone())
+    }
+}
+
+/// Every hostile request, each otherwise a valid job on the fixture's photos.
+fn cases(photos: &[Vec<u8>]) -> Vec<Case> {
+    let r = Requests { photos };
+    [
+        request_cases(&r),
+        object_key_cases(&r),
+        prompt_cases(&r),
+        name_cases(&r),
+        optimizer_cases(&r),
+        setting_cases(&r),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
+}
+
+/// The request as a whole and its inline photos.
+fn request_cases(r: &Requests<'_>) -> Vec<Case> {
+    let invalid = Code::InvalidArgument;
     vec![
         case(
             "empty request (no spec)",
@@ -136,61 +166,68 @@ fn cases(photos: &[Vec<u8>]) -> Vec<Case> {
         // limit is: … bytes", tonic 0.14 `codec/decode.rs`), not RESOURCE_EXHAUSTED.
         case(
             "request over limits.max_request_bytes (~3 MB inline photo)",
-            with(&|spec| spec.images = vec![inline(large_png())]),
+            r.with(&|spec| spec.images = vec![inline(large_png())]),
             Code::OutOfRange,
             &["too large", &MAX_REQUEST_BYTES.to_string()],
         ),
         case(
             "no images",
-            with(&|spec| spec.images.clear()),
+            r.with(&|spec| spec.images.clear()),
             invalid,
             &["spec.images", "at least one"],
         ),
         case(
             "21 images",
-            with(&|spec| spec.images = vec![inline(photos[0].clone()); MAX_IMAGES + 1]),
+            r.with(&|spec| spec.images = vec![inline(r.photos[0].clone()); MAX_IMAGES + 1]),
             invalid,
             &["spec.images", "21", "20"],
         ),
         case(
             "an image that is random bytes",
-            with(&|spec| spec.images[1] = inline(noise(4096, 11))),
+            r.with(&|spec| spec.images[1] = inline(noise(4096, 11))),
             invalid,
             &["spec.images[1]", "not a recognized image format"],
         ),
         case(
             "an image that is text",
-            with(&|spec| spec.images = vec![inline(b"these are not pixels".to_vec())]),
+            r.with(&|spec| spec.images = vec![inline(b"these are not pixels".to_vec())]),
             invalid,
             &["spec.images[0]", "not a recognized image format"],
         ),
         case(
             "a PNG claiming 100000x100000 pixels (after a valid photo)",
-            with(&|spec| spec.images[1] = inline(gigantic_png())),
+            r.with(&|spec| spec.images[1] = inline(gigantic_png())),
             invalid,
             &["spec.images[1]", "100000"],
         ),
         case(
             "an image with neither data nor object_key",
-            with(&|spec| spec.images[0] = pb::TrainingImage { source: None }),
+            r.with(&|spec| spec.images[0] = pb::TrainingImage { source: None }),
             invalid,
             &["spec.images[0]", "object_key"],
         ),
+    ]
+}
+
+/// Photos named by object key: nothing outside the uploads may be read.
+fn object_key_cases(r: &Requests<'_>) -> Vec<Case> {
+    let invalid = Code::InvalidArgument;
+    vec![
         case(
             "object_key escaping the store (../../etc/passwd)",
-            with(&|spec| spec.images = vec![stored_key("../../etc/passwd")]),
+            r.with(&|spec| spec.images = vec![stored_key("../../etc/passwd")]),
             invalid,
             &["spec.images[0]", "../../etc/passwd"],
         ),
         case(
             "absolute object_key (/etc/passwd)",
-            with(&|spec| spec.images = vec![stored_key("/etc/passwd")]),
+            r.with(&|spec| spec.images = vec![stored_key("/etc/passwd")]),
             invalid,
             &["spec.images[0]", "/etc/passwd"],
         ),
         case(
             "object_key inside another job's inputs",
-            with(&|spec| spec.images = vec![stored_key("jobs/r0/inputs/00")]),
+            r.with(&|spec| spec.images = vec![stored_key("jobs/r0/inputs/00")]),
             invalid,
             &["spec.images[0]", "jobs/"],
         ),
@@ -198,43 +235,53 @@ fn cases(photos: &[Vec<u8>]) -> Vec<Case> {
         // request must be refused before the first photo is written anywhere.
         case(
             "object_key not in the store, after a valid inline photo",
-            with(&|spec| spec.images[1] = stored_key("uploads/rex/missing.png")),
+            r.with(&|spec| spec.images[1] = stored_key("uploads/rex/missing.png")),
             invalid,
             &["spec.images[1]", "uploads/rex/missing.png"],
         ),
+    ]
+}
+
+/// Custom and preview prompts.
+fn prompt_cases(r: &Requests<'_>) -> Vec<Case> {
+    // 100 single-token words: far over CLIP's 77 tokens, far under the 1000-byte
+    // template limit, so the token count is what must refuse it.
+    let long_prompt = format!("a photo of {{}} {}", "dog ".repeat(100).trim_end());
+    let invalid = Code::InvalidArgument;
+    vec![
         case(
             "custom prompt without {}",
-            custom(&["a photo of a dog"]),
+            r.custom(&["a photo of a dog"]),
             invalid,
             &["spec.custom_prompts", "{}"],
         ),
         case(
             "custom prompt with two {}",
-            custom(&["a {} next to a {}"]),
+            r.custom(&["a {} next to a {}"]),
             invalid,
             &["spec.custom_prompts", "{}"],
         ),
         case(
             "PROMPT_SET_CUSTOM without prompts",
-            custom(&[]),
+            r.custom(&[]),
             invalid,
             &["spec.custom_prompts", "at least one"],
         ),
         case(
             "custom prompts without PROMPT_SET_CUSTOM",
-            with(&|spec| spec.custom_prompts = vec!["a photo of {}".into()]),
+            r.with(&|spec| spec.custom_prompts = vec!["a photo of {}".into()]),
             invalid,
             &["spec.custom_prompts", "PROMPT_SET_CUSTOM"],
         ),
         case(
             "custom prompt over 77 CLIP tokens",
-            custom(&[long_prompt.as_str()]),
+            r.custom(&[long_prompt.as_str()]),
             invalid,
             &["spec.custom_prompts", "CLIP tokens"],
         ),
         case(
             "preview prompt over 77 CLIP tokens",
-            with(&|spec| {
+            r.with(&|spec| {
                 spec.previews = Some(pb::PreviewParameters {
                     prompts: vec![long_prompt.clone()],
                     ..Default::default()
@@ -243,39 +290,46 @@ fn cases(photos: &[Vec<u8>]) -> Vec<Case> {
             invalid,
             &["spec.previews.prompts", "CLIP tokens"],
         ),
+    ]
+}
+
+/// Names that become store keys, and the category word.
+fn name_cases(r: &Requests<'_>) -> Vec<Case> {
+    let invalid = Code::InvalidArgument;
+    vec![
         case(
             "concept_name ../x",
-            concept_name("../x".into()),
+            r.concept_name("../x".into()),
             invalid,
             &["spec.concept_name", "../x"],
         ),
         case(
             "empty concept_name",
-            concept_name(String::new()),
+            r.concept_name(String::new()),
             invalid,
             &["spec.concept_name"],
         ),
         case(
             "concept_name of 300 characters",
-            concept_name("a".repeat(300)),
+            r.concept_name("a".repeat(300)),
             invalid,
             &["spec.concept_name", "300"],
         ),
         case(
             "concept_version ../x",
-            with(&|spec| spec.concept_version = "../x".into()),
+            r.with(&|spec| spec.concept_version = "../x".into()),
             invalid,
             &["spec.concept_version", "../x"],
         ),
         case(
             "empty category",
-            with(&|spec| spec.category = String::new()),
+            r.with(&|spec| spec.category = String::new()),
             invalid,
             &["spec.category"],
         ),
         case(
             "category of two words",
-            with(&|spec| spec.category = "hot dog".into()),
+            r.with(&|spec| spec.category = "hot dog".into()),
             invalid,
             &["spec.category", "single CLIP token"],
         ),
@@ -283,98 +337,112 @@ fn cases(photos: &[Vec<u8>]) -> Vec<Case> {
             "request_id ../x",
             pb::CreateTrainingJobRequest {
                 request_id: "../x".into(),
-                spec: Some(valid()),
+                spec: Some(r.valid()),
             },
             invalid,
             &["request_id"],
         ),
+    ]
+}
+
+/// The stages' hyper-parameters.
+fn optimizer_cases(r: &Requests<'_>) -> Vec<Case> {
+    let invalid = Code::InvalidArgument;
+    vec![
         case(
             "stage1 learning_rate negative",
-            stage1(&|s| s.learning_rate = Some(-1e-3)),
+            r.stage1(&|s| s.learning_rate = Some(-1e-3)),
             invalid,
             &["spec.stage1.learning_rate", "-0.001"],
         ),
         case(
             "stage1 learning_rate NaN",
-            stage1(&|s| s.learning_rate = Some(f64::NAN)),
+            r.stage1(&|s| s.learning_rate = Some(f64::NAN)),
             invalid,
             &["spec.stage1.learning_rate", "NaN"],
         ),
         case(
             "stage2 learning_rate infinite",
-            stage2(&|s| s.learning_rate = Some(f64::INFINITY)),
+            r.stage2(&|s| s.learning_rate = Some(f64::INFINITY)),
             invalid,
             &["spec.stage2.learning_rate", "inf"],
         ),
         case(
             "stage1 weight_decay negative",
-            stage1(&|s| s.weight_decay = Some(-1.0)),
+            r.stage1(&|s| s.weight_decay = Some(-1.0)),
             invalid,
             &["spec.stage1.weight_decay"],
         ),
         case(
             "stage1 lambda_attention NaN",
-            stage1(&|s| s.lambda_attention = Some(f64::NAN)),
+            r.stage1(&|s| s.lambda_attention = Some(f64::NAN)),
             invalid,
             &["spec.stage1.lambda_attention"],
         ),
         case(
             "stage1 steps 0",
-            stage1(&|s| s.steps = Some(0)),
+            r.stage1(&|s| s.steps = Some(0)),
             invalid,
             &["spec.stage1.steps", "0"],
         ),
         case(
             "stage1 steps 10_000_000",
-            stage1(&|s| s.steps = Some(10_000_000)),
+            r.stage1(&|s| s.steps = Some(10_000_000)),
             invalid,
             &["spec.stage1.steps", "10000000"],
         ),
         case(
             "stage2 steps 10_000_000",
-            stage2(&|s| s.steps = Some(10_000_000)),
+            r.stage2(&|s| s.steps = Some(10_000_000)),
             invalid,
             &["spec.stage2.steps", "10000000"],
         ),
         case(
             "stage1 batch_size 0",
-            stage1(&|s| s.batch_size = Some(0)),
+            r.stage1(&|s| s.batch_size = Some(0)),
             invalid,
             &["spec.stage1.batch_size"],
         ),
         case(
             "stage2 batch_size 100000",
-            stage2(&|s| s.batch_size = Some(100_000)),
+            r.stage2(&|s| s.batch_size = Some(100_000)),
             invalid,
             &["spec.stage2.batch_size", "100000"],
         ),
         case(
             "stage2 delta_rank 0",
-            stage2(&|s| s.delta_rank = Some(0)),
+            r.stage2(&|s| s.delta_rank = Some(0)),
             invalid,
             &["spec.stage2.delta_rank"],
         ),
+    ]
+}
+
+/// Sizes, previews and enum values.
+fn setting_cases(r: &Requests<'_>) -> Vec<Case> {
+    let invalid = Code::InvalidArgument;
+    vec![
         case(
             "resolution not a multiple of 8",
-            with(&|spec| spec.resolution = Some(100)),
+            r.with(&|spec| spec.resolution = Some(100)),
             invalid,
             &["spec.resolution", "100"],
         ),
         case(
             "resolution huge",
-            with(&|spec| spec.resolution = Some(1_000_000)),
+            r.with(&|spec| spec.resolution = Some(1_000_000)),
             invalid,
             &["spec.resolution", "1000000"],
         ),
         case(
             "resolution 0",
-            with(&|spec| spec.resolution = Some(0)),
+            r.with(&|spec| spec.resolution = Some(0)),
             invalid,
             &["spec.resolution"],
         ),
         case(
             "previews steps 1000",
-            with(&|spec| {
+            r.with(&|spec| {
                 spec.previews = Some(pb::PreviewParameters {
                     every: Some(2),
                     steps: Some(1000),
@@ -386,19 +454,19 @@ fn cases(photos: &[Vec<u8>]) -> Vec<Case> {
         ),
         case(
             "loss_variant 99",
-            with(&|spec| spec.loss_variant = 99),
+            r.with(&|spec| spec.loss_variant = 99),
             invalid,
             &["spec.loss_variant"],
         ),
         case(
             "prompt_set 99",
-            with(&|spec| spec.prompt_set = 99),
+            r.with(&|spec| spec.prompt_set = 99),
             invalid,
             &["spec.prompt_set"],
         ),
         case(
             "stage2 precision 99",
-            stage2(&|s| s.precision = 99),
+            r.stage2(&|s| s.precision = 99),
             invalid,
             &["spec.stage2.precision"],
         ),
