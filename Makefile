@@ -43,7 +43,7 @@ $(GO_STAMP): $(STAMP)/venv $(wildcard proto/coreg/v1/*.proto) clients/go/generat
 
 # The Python client package (clients/python, `coreg_client`): checks that its
 # committed stubs match proto/ (generate.sh --check), then installs it editable into
-# the venv with pytest, for sampler/tests/python_client.rs (which reruns the check).
+# the venv with pytest, for tests/e2e/tests/integration/python_client.rs (which reruns the check).
 PY_CLIENT_STAMP := $(STAMP)/python-client
 setup: $(PY_CLIENT_STAMP)
 

@@ -5,7 +5,7 @@ API and through the command line.
 Needs a trainer and a sampler sharing one object store, their addresses in
 COREG_TRAINER_ADDRESS and COREG_SAMPLER_ADDRESS (skipped otherwise). The schedule
 is tiny (64 px, a few steps) for the test model `coreg model init --size tiny`;
-sampler/tests/python_client.rs starts such services and runs these tests.
+tests/e2e/tests/integration/python_client.rs starts such services and runs these tests.
 """
 
 import os

@@ -6,8 +6,9 @@
 //! fixtures ([`concept`], [`fixture`]): through this crate they would get a second copy
 //! of `coreg`, whose types are distinct from the crate under test.
 //!
-//! - [`reference`]: the workspace root, the Python reference interpreter and modules,
-//!   safetensors files, and the tolerance measure of the parity tests.
+//! - [`reference`](mod@reference): the workspace root, the Python reference
+//!   interpreter and modules, safetensors files, and the tolerance measure of the
+//!   parity tests.
 //! - [`moto`]: a real S3 API (`moto_server`) on loopback.
 //! - [`binaries`]: a workspace binary (`coreg-trainer`, `coreg-sampler`) from any test
 //!   crate, built first if needed.
