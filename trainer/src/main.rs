@@ -6,6 +6,7 @@
 #![warn(clippy::too_many_lines)]
 
 mod exit;
+mod failpoint;
 mod job;
 mod job_store;
 mod pipeline;

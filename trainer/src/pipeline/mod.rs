@@ -198,6 +198,7 @@ impl<'a> Job<'a> {
         checkpoint: impl FnOnce() -> Result<Checkpoint, JobFailure>,
     ) -> Result<(), JobFailure> {
         self.control.step(stage, step, total, losses);
+        crate::failpoint::hit(&format!("stage{}-step-{step}", stage.number()));
         if let Some((previewer, embedding)) = previews {
             self.write_previews(previewer, stage, step, total, embedding)?;
         }

@@ -25,9 +25,11 @@ impl Job<'_> {
         embedding: &Tensor,
         losses: LossHistory,
     ) -> Result<String, JobFailure> {
+        crate::failpoint::hit("writing");
         let artifacts = self.artifacts(model, inputs, embedding, losses)?;
         let concept = &self.spec.concept;
         let version = concept.version.clone().unwrap_or_else(|| self.id.clone());
+        crate::failpoint::hit("before-manifest");
         let written = self
             .block_on(write_concept(
                 &self.store,
@@ -36,6 +38,7 @@ impl Job<'_> {
                 artifacts,
             ))
             .map_err(Phase::Training.of())?;
+        crate::failpoint::hit("after-manifest");
         self.finish(&written.path)?;
         Ok(format!(
             "wrote {} (sha256 {})",

@@ -86,6 +86,7 @@ impl Worker {
             }
         };
         tracing::info!(replica = %self.replica, "model loaded; taking jobs");
+        crate::failpoint::hit("before-taking-jobs");
         while !self.shared.shutdown.load(Ordering::SeqCst) {
             let worked = match self.take_one(&mut model) {
                 Ok(worked) => worked,

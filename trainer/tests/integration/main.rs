@@ -9,6 +9,7 @@
 mod common;
 
 mod default_schedule;
+mod durability;
 mod run;
 mod serve;
 mod serve_input;

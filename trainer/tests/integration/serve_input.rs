@@ -26,6 +26,9 @@ const MAX_REQUEST_BYTES: usize = 2_000_000;
 /// The most photos a job takes (`trainer/src/pipeline.rs`'s `MAX_IMAGES`).
 const MAX_IMAGES: usize = 20;
 
+/// An upload far over the photo limit that the hostile-input test puts in the store.
+const HUGE_UPLOAD: &str = "uploads/huge.png";
+
 /// The bearer token of the authenticated server. The brief's `s3cret` is too short for
 /// the service (`auth.bearer_token` must be at least 16 characters, checked at start),
 /// which `a_short_bearer_token_is_refused_at_start` shows.
@@ -229,7 +232,27 @@ fn object_key_cases(r: &Requests<'_>) -> Vec<Case> {
             "object_key inside another job's inputs",
             r.with(&|spec| spec.images = vec![stored_key("jobs/r0/inputs/00")]),
             invalid,
-            &["spec.images[0]", "jobs/"],
+            &["spec.images[0]", "jobs/r0/inputs/00", "uploads/"],
+        ),
+        case(
+            "object_key naming another user's generated image",
+            r.with(&|spec| spec.images = vec![stored_key("generated/someone/0.png")]),
+            invalid,
+            &["spec.images[0]", "generated/someone/0.png", "uploads/"],
+        ),
+        case(
+            "object_key naming a queue marker",
+            r.with(&|spec| spec.images = vec![stored_key("queue/r0")]),
+            invalid,
+            &["spec.images[0]", "uploads/"],
+        ),
+        // `huge.png` is put there by the test: 64 GiB by its metadata (a sparse
+        // file), so a server that downloaded it to measure it would not answer.
+        case(
+            "object_key naming an upload over the 20 MiB photo limit",
+            r.with(&|spec| spec.images = vec![stored_key(HUGE_UPLOAD)]),
+            invalid,
+            &["spec.images[0]", HUGE_UPLOAD, "bytes"],
         ),
         // The inline photo is valid; the second image's key names nothing. The
         // request must be refused before the first photo is written anywhere.
@@ -530,6 +553,12 @@ async fn hostile_job_requests_are_refused_and_store_nothing() {
     server.wait_serving().await;
     let photos = photos(&fx.path("photos"));
     assert_eq!(photos.len(), 3);
+    let huge = fx.path("store").join(HUGE_UPLOAD);
+    std::fs::create_dir_all(huge.parent().unwrap()).unwrap();
+    std::fs::File::create(&huge)
+        .unwrap()
+        .set_len(64 << 30)
+        .unwrap();
 
     let mut failures = Vec::new();
     for case in cases(&photos) {
