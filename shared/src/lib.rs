@@ -28,6 +28,7 @@
 
 pub mod artifact;
 pub mod base_model;
+pub mod cadence;
 pub mod config_json;
 pub mod dataset;
 pub mod draws;

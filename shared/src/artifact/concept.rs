@@ -123,42 +123,143 @@ pub async fn write_concept(
     artifacts: ConceptArtifacts,
 ) -> Result<ManifestRef> {
     let path = manifest_path(name, version)?;
-    let encoded = EncodedConcept::new(artifacts)?;
+    let staged = StagedConcept::encode(artifacts)?;
     if store.exists(&path).await? {
         return Err(already_exists(name, version));
     }
-    let mut blobs = BTreeMap::new();
-    for (role, bytes) in encoded.blobs {
-        blobs.insert(role.to_owned(), store.put_blob(bytes).await?);
+    staged
+        .put_blobs(store)
+        .await?
+        .publish(store, name, version, None)
+        .await
+}
+
+/// A concept on its way into the store, in two steps a caller can stand between: the
+/// blobs ([`StagedConcept::put_blobs`], harmless to repeat or abandon, since they are
+/// content-addressed and unreferenced until published), then the manifest
+/// ([`BlobsWritten::publish`], the one step that makes the version exist).
+pub struct StagedConcept {
+    encoded: EncodedConcept,
+    /// Kept as tensors: it is written straight from them.
+    unet_delta: UNetDelta,
+}
+
+/// A concept whose blobs are all stored: only its manifest is left to write.
+pub struct BlobsWritten {
+    encoded: EncodedConcept,
+    blobs: BTreeMap<String, BlobRef>,
+}
+
+impl StagedConcept {
+    /// Checks and encodes `artifacts`; no tensor is kept.
+    pub fn encode(artifacts: ConceptArtifacts) -> Result<StagedConcept> {
+        let (encoded, unet_delta) = EncodedConcept::new(artifacts)?;
+        Ok(StagedConcept {
+            encoded,
+            unet_delta,
+        })
     }
-    let manifest = Manifest {
-        format_version: MANIFEST_FORMAT_VERSION,
-        concept: name.to_owned(),
-        version: version.to_owned(),
-        token: encoded.token,
-        super_category: encoded.super_category,
-        base_model: encoded.base_model,
-        blobs,
-        hyper_parameters: encoded.hyper_parameters,
-        seed: encoded.seed,
-        software_version: env!("CARGO_PKG_VERSION").to_owned(),
-        losses: encoded.losses,
-        unet_delta: encoded.unet_delta,
-        created_at: Utc::now(),
-    };
-    let bytes = Bytes::from(manifest.to_json()?);
-    let digest = BlobRef::of(&bytes).sha256;
-    match store.put_create_only(&path, bytes).await? {
-        CreateOutcome::Created => Ok(ManifestRef {
-            path,
-            sha256: digest,
-            manifest,
-        }),
-        CreateOutcome::AlreadyExists => Err(already_exists(name, version)),
+
+    /// Stores every blob (an identical blob already there is verified and reused).
+    /// The U-Net delta — 3.4 GB for SD 2.1's exact delta — streams from its tensors
+    /// in parts ([`Store::put_blob_streamed`]); the others are small.
+    pub async fn put_blobs(self, store: &Store) -> Result<BlobsWritten> {
+        let mut blobs = BTreeMap::new();
+        for (role, bytes) in &self.encoded.blobs {
+            blobs.insert((*role).to_owned(), store.put_blob(bytes.clone()).await?);
+        }
+        let file = {
+            let (named, metadata) = self.unet_delta.layout()?;
+            tensor_file::TensorFile::new(&named, metadata)?
+        };
+        let delta = store
+            .put_blob_streamed(move || Ok(Box::new(file.reader())))
+            .await?;
+        blobs.insert(roles::UNET_DELTA.to_owned(), delta);
+        Ok(BlobsWritten {
+            encoded: self.encoded,
+            blobs,
+        })
     }
 }
 
-/// The artifacts as blob bytes, with no tensor left (see [`write_concept`]).
+impl BlobsWritten {
+    /// Writes the manifest, create-only, recording `job` as the version's publisher.
+    ///
+    /// Publication is idempotent for a job: if the version exists and its manifest
+    /// names the same `job` (an earlier attempt published it and died before saying
+    /// so), that manifest is returned as written. Any other existing version is
+    /// [`Error::AlreadyExists`].
+    pub async fn publish(
+        self,
+        store: &Store,
+        name: &str,
+        version: &str,
+        job: Option<&str>,
+    ) -> Result<ManifestRef> {
+        let path = manifest_path(name, version)?;
+        let encoded = self.encoded;
+        let manifest = Manifest {
+            format_version: MANIFEST_FORMAT_VERSION,
+            concept: name.to_owned(),
+            version: version.to_owned(),
+            token: encoded.token,
+            super_category: encoded.super_category,
+            base_model: encoded.base_model,
+            blobs: self.blobs,
+            hyper_parameters: encoded.hyper_parameters,
+            seed: encoded.seed,
+            software_version: env!("CARGO_PKG_VERSION").to_owned(),
+            losses: encoded.losses,
+            unet_delta: encoded.unet_delta,
+            created_at: Utc::now(),
+            job: job.map(str::to_owned),
+        };
+        let bytes = Bytes::from(manifest.to_json()?);
+        let digest = BlobRef::of(&bytes).sha256;
+        match store.put_create_only(&path, bytes).await? {
+            CreateOutcome::Created => Ok(ManifestRef {
+                path,
+                sha256: digest,
+                manifest,
+            }),
+            CreateOutcome::AlreadyExists => match job {
+                Some(job) => published_by(store, name, version, job)
+                    .await?
+                    .ok_or_else(|| already_exists(name, version)),
+                None => Err(already_exists(name, version)),
+            },
+        }
+    }
+}
+
+/// The version's manifest if it exists and `job` published it; `None` if the version
+/// does not exist. A version published by anything else is [`Error::AlreadyExists`].
+pub async fn published_by(
+    store: &Store,
+    name: &str,
+    version: &str,
+    job: &str,
+) -> Result<Option<ManifestRef>> {
+    let path = manifest_path(name, version)?;
+    let bytes = match store.get(&path).await {
+        Ok(bytes) => bytes,
+        Err(Error::NotFound { .. }) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let manifest = Manifest::from_json(&path, &bytes)?;
+    if manifest.job.as_deref() != Some(job) {
+        return Err(already_exists(name, version));
+    }
+    Ok(Some(ManifestRef {
+        sha256: BlobRef::of(&bytes).sha256,
+        path,
+        manifest,
+    }))
+}
+
+/// The artifacts as blob bytes and manifest fields, all but the U-Net delta (see
+/// [`StagedConcept`]).
 struct EncodedConcept {
     blobs: Vec<(&'static str, Bytes)>,
     token: String,
@@ -171,7 +272,7 @@ struct EncodedConcept {
 }
 
 impl EncodedConcept {
-    fn new(artifacts: ConceptArtifacts) -> Result<EncodedConcept> {
+    fn new(artifacts: ConceptArtifacts) -> Result<(EncodedConcept, UNetDelta)> {
         let ConceptArtifacts {
             embedding,
             unet_delta,
@@ -195,7 +296,6 @@ impl EncodedConcept {
                 Bytes::from(embedding.to_learned_embeds()?),
             ),
             (roles::EMBEDDING_A1111, Bytes::from(embedding.to_a1111()?)),
-            (roles::UNET_DELTA, Bytes::from(unet_delta.to_bytes()?)),
             (
                 roles::TRAINING_LATENTS,
                 Bytes::from(tensor_file::encode(
@@ -204,7 +304,7 @@ impl EncodedConcept {
                 )?),
             ),
         ];
-        Ok(EncodedConcept {
+        let encoded = EncodedConcept {
             blobs,
             token: embedding.token().to_owned(),
             super_category,
@@ -213,7 +313,8 @@ impl EncodedConcept {
             seed,
             losses,
             unet_delta: unet_delta.summary(),
-        })
+        };
+        Ok((encoded, unet_delta))
     }
 }
 

@@ -196,6 +196,10 @@ pub struct Manifest {
     pub losses: LossHistory,
     pub unet_delta: DeltaSummary,
     pub created_at: DateTime<Utc>,
+    /// The training job that published this version, when a job did: a job that finds
+    /// its own manifest already there (it died after publishing) knows it is done.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<String>,
 }
 
 impl Manifest {

@@ -10,8 +10,9 @@ pub mod tensor_file;
 pub mod unet_delta;
 
 pub use concept::{
-    list_concepts, list_versions, read_concept, read_manifest, validate_concept_name,
-    validate_concept_version, write_concept, ConceptArtifacts, LoadedConcept, ManifestRef,
+    list_concepts, list_versions, manifest_path, published_by, read_concept, read_manifest,
+    validate_concept_name, validate_concept_version, write_concept, BlobsWritten, ConceptArtifacts,
+    LoadedConcept, ManifestRef, StagedConcept,
 };
 pub use embedding::LearnedEmbedding;
 pub use manifest::{base_model_identity, BaseModelIdentity, LossHistory, Manifest};

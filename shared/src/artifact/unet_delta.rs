@@ -277,6 +277,15 @@ impl UNetDelta {
     /// factored one as `<name>.lora_up` `[out, r]` and `<name>.lora_down` `[r, rest]`;
     /// the kind, rank, factored shapes and errors in the header's metadata.
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        let (named, metadata) = self.layout()?;
+        tensor_file::encode(&named, metadata)
+    }
+
+    /// The file [`UNetDelta::to_bytes`] writes, laid out over the delta's own tensors
+    /// for streaming (see [`TensorFile`](tensor_file::TensorFile)); call it with the
+    /// names and metadata this returns.
+    #[allow(clippy::type_complexity)]
+    pub fn layout(&self) -> Result<(Vec<(String, &Tensor)>, HashMap<String, String>)> {
         let mut names: Vec<String> = Vec::new();
         let mut tensors: Vec<&Tensor> = Vec::new();
         let mut shapes = BTreeMap::new();
@@ -324,7 +333,7 @@ impl UNetDelta {
             }
         }
         let named: Vec<(String, &Tensor)> = names.into_iter().zip(tensors).collect();
-        tensor_file::encode(&named, metadata)
+        Ok((named, metadata))
     }
 
     /// Reads [`UNetDelta::to_bytes`] output, checking its structure; anything

@@ -762,6 +762,36 @@ async fn the_protocol_holds_on_the_s3_api() {
     // The URL's prefix scopes the store: another prefix in the same bucket is empty.
     let other = Store::open("s3://coreg-test/deploy/b", moto.options()).unwrap();
     assert!(list_concepts(&other).await.unwrap().is_empty());
+
+    streams_tensors_in_parts_and_reads_them_in_ranges(&store).await;
+}
+
+/// A 40 MB tensor file goes up as an S3 multipart upload of three 16 MiB parts (moto
+/// refuses parts under 5 MiB but the last, as S3 does) and comes back by ranged reads
+/// bit for bit; as a content-addressed blob it hashes as its bytes.
+async fn streams_tensors_in_parts_and_reads_them_in_ranges(store: &Store) {
+    use coreg::artifact::tensor_file::{encode, read_from_store, TensorFile};
+    let big = Tensor::randn([10_000_000], (Kind::Float, Device::Cpu));
+    let half = Tensor::randn([3, 1001], (Kind::BFloat16, Device::Cpu));
+    let named = [("big".to_owned(), &big), ("half".to_owned(), &half)];
+    let file = TensorFile::new(&named, Default::default()).unwrap();
+    assert!(file.size() > 2 * coreg::store::PART_BYTES as u64);
+    let written = store
+        .put_streamed("jobs/j1/checkpoints/s.safetensors", &mut file.reader())
+        .await
+        .unwrap();
+    let in_memory = encode(&named, Default::default()).unwrap();
+    assert_eq!(written.size, in_memory.len() as u64);
+    assert_eq!(written.sha256, coreg::store::BlobRef::of(&in_memory).sha256);
+    let (tensors, _) = read_from_store(store, "jobs/j1/checkpoints/s.safetensors")
+        .await
+        .unwrap();
+    assert!(tensors["big"].equal(&big) && tensors["half"].equal(&half));
+    let blob = store
+        .put_blob_streamed(move || Ok(Box::new(file.reader())))
+        .await
+        .unwrap();
+    assert_eq!(blob, coreg::store::BlobRef::of(&in_memory));
 }
 
 /// The cloud SDK's variables configure an s3:// store the way `aws` would read them;

@@ -38,6 +38,10 @@ pub use object_store::UpdateVersion;
 
 use crate::{Error, Result};
 
+mod large;
+
+pub use large::{Streamed, PARTS_IN_FLIGHT, PART_BYTES};
+
 /// Where content-addressed blobs live, relative to the store's prefix.
 pub const BLOB_PREFIX: &str = "blobs/sha256";
 
@@ -331,6 +335,16 @@ impl Store {
         }
     }
 
+    /// The size of the object at `path`, from its metadata alone (nothing is
+    /// downloaded); [`Error::NotFound`] if there is none.
+    pub async fn size(&self, path: &str) -> Result<u64> {
+        let location = self.location(path)?;
+        match self.inner.head(&location).await {
+            Ok(meta) => Ok(meta.size),
+            Err(e) => Err(not_found_or(path, "head", e)),
+        }
+    }
+
     /// Every object under `prefix` (a folder path relative to the store's prefix; `""`
     /// for all), sorted by path.
     pub async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
@@ -376,6 +390,12 @@ impl Store {
     /// that differs is a [`Error::CorruptArtifact`], never silently accepted.
     pub async fn put_blob(&self, bytes: Bytes) -> Result<BlobRef> {
         let blob = BlobRef::of(&bytes);
+        // A blob already stored (a retried publication) is verified, not sent again:
+        // reading it back costs no more than the upload it saves.
+        if self.exists(&blob.path).await? {
+            self.verify_stored_blob(&blob).await?;
+            return Ok(blob);
+        }
         match self.put_create_only(&blob.path, bytes).await? {
             CreateOutcome::Created => Ok(blob),
             CreateOutcome::AlreadyExists => {
