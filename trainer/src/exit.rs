@@ -16,10 +16,14 @@ pub enum JobFailure {
     /// Training failed in a way a retry with the same input would repeat.
     #[error("training failed: {0}")]
     Failed(String),
-    /// Storage or another dependency failed, or the run was asked to stop: running
-    /// the same job again resumes from the last checkpoint.
+    /// Storage or another dependency failed: running the same job again resumes from
+    /// the last checkpoint.
     #[error("interrupted: {0}")]
     Transient(String),
+    /// The run was asked to stop (SIGTERM) and checkpointed: running the same job
+    /// again resumes from there. Unlike [`JobFailure::Transient`], nothing failed.
+    #[error("stopped: {0}")]
+    Interrupted(String),
     /// The job was cancelled (the service only).
     #[error("cancelled")]
     Cancelled,
@@ -35,7 +39,10 @@ impl JobFailure {
             JobFailure::InvalidJob(_) => 64,
             JobFailure::BadInput(_) => 65,
             JobFailure::Failed(_) => 70,
-            JobFailure::Transient(_) | JobFailure::Cancelled | JobFailure::LeaseLost => 75,
+            JobFailure::Transient(_)
+            | JobFailure::Interrupted(_)
+            | JobFailure::Cancelled
+            | JobFailure::LeaseLost => 75,
         }
     }
 }

@@ -163,18 +163,45 @@ fn yes() -> bool {
 #[serde(deny_unknown_fields)]
 pub struct CheckpointSpec {
     /// Save the stage state every this many steps (0: only on request and at stage
-    /// ends).
+    /// ends), as long as checkpointing stays within `max_cost_fraction`.
     #[serde(default = "fifty")]
     pub every: usize,
+    /// Also save it once this many seconds passed since the last save, whatever the
+    /// cost: a bound on the work a crash can lose.
+    #[serde(default)]
+    pub every_seconds: Option<u64>,
+    /// The most of a stage's time that step-driven checkpoints may take (a full-size
+    /// stage-2 checkpoint is 10.4 GB); see `coreg::cadence`.
+    #[serde(default = "five_percent")]
+    pub max_cost_fraction: f64,
 }
 
 fn fifty() -> usize {
     50
 }
 
+fn five_percent() -> f64 {
+    coreg::cadence::DEFAULT_MAX_COST_FRACTION
+}
+
 impl Default for CheckpointSpec {
     fn default() -> Self {
-        CheckpointSpec { every: fifty() }
+        CheckpointSpec {
+            every: fifty(),
+            every_seconds: None,
+            max_cost_fraction: five_percent(),
+        }
+    }
+}
+
+impl CheckpointSpec {
+    /// The policy each stage's cadence follows.
+    pub fn policy(&self) -> coreg::cadence::CadencePolicy {
+        coreg::cadence::CadencePolicy {
+            every_steps: self.every,
+            every_seconds: self.every_seconds.map(std::time::Duration::from_secs),
+            max_cost_fraction: self.max_cost_fraction,
+        }
     }
 }
 
@@ -221,6 +248,19 @@ impl JobSpec {
     /// Range checks that need no model: the model-dependent ones (a single-token
     /// category, prompt lengths) happen when the tokenizer is loaded.
     pub fn validate(&self) -> Result<(), InvalidJob> {
+        let fraction = self.checkpoints.max_cost_fraction;
+        if !(fraction > 0.0 && fraction <= 1.0) {
+            return Err(invalid(
+                "checkpoints.max_cost_fraction",
+                format!("{fraction} is outside (0, 1]"),
+            ));
+        }
+        if self.checkpoints.every_seconds == Some(0) {
+            return Err(invalid(
+                "checkpoints.every_seconds",
+                "must be at least 1 (leave it out for none)".to_owned(),
+            ));
+        }
         coreg::artifact::validate_concept_name(&self.concept.name)
             .map_err(|e| invalid("concept.name", e.to_string()))?;
         if let Some(version) = &self.concept.version {

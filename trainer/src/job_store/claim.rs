@@ -40,6 +40,11 @@ pub struct Claim {
     pub epoch: u64,
     /// From this instant on, any replica may take the job.
     pub expires_at: DateTime<Utc>,
+    /// The holder gave the job up on purpose. A claim that ends otherwise (it expired,
+    /// or its replica restarted and took it back) means the holder died with the job:
+    /// the next holder counts that as a crash.
+    #[serde(default)]
+    pub released: bool,
 }
 
 /// Proof that this replica holds a job: only [`JobStore::acquire`] makes one, and
@@ -51,6 +56,7 @@ pub struct Lease {
     epoch: u64,
     expires_at: DateTime<Utc>,
     ttl: TimeDelta,
+    previous_holder_died: bool,
 }
 
 impl Lease {
@@ -61,6 +67,17 @@ impl Lease {
     /// Renew before this, less the clock margin.
     pub fn expires_at(&self) -> DateTime<Utc> {
         self.expires_at
+    }
+
+    /// How long the lease lasts from a renewal.
+    pub fn ttl(&self) -> TimeDelta {
+        self.ttl
+    }
+
+    /// Whether the job was taken from a holder that died with it: its claim was never
+    /// released (it expired, or the same replica name restarted and took it back).
+    pub fn previous_holder_died(&self) -> bool {
+        self.previous_holder_died
     }
 
     /// An expired lease may already be another replica's: it proves nothing.
@@ -132,12 +149,12 @@ impl JobStore {
             self.store.delete(&queue_key(job_id)).await?;
             return Ok(None);
         }
-        let epoch = match self.current_claim(job_id).await {
-            Ok(None) => 0,
+        let (epoch, previous_holder_died) = match self.current_claim(job_id).await {
+            Ok(None) => (0, false),
             Ok(Some(current)) if now < current.expires_at && current.replica != replica => {
                 return Ok(None)
             }
-            Ok(Some(current)) => next_epoch(job_id, current.epoch)?,
+            Ok(Some(current)) => (next_epoch(job_id, current.epoch)?, !current.released),
             // The newest claim listed vanished: two newer ones were written meanwhile, so
             // another replica is active on the job.
             Err(coreg::Error::NotFound { .. }) => return Ok(None),
@@ -147,6 +164,7 @@ impl JobStore {
             replica: replica.to_owned(),
             epoch,
             expires_at: now + ttl,
+            released: false,
         };
         if self.write_claim(job_id, &claim).await? == CreateOutcome::AlreadyExists
             || self.claim_epochs(job_id).await?.last() != Some(&epoch)
@@ -159,6 +177,7 @@ impl JobStore {
             epoch,
             expires_at: claim.expires_at,
             ttl,
+            previous_holder_died,
         };
         // Checked again now that no one else can write the status: the previous holder
         // may have finished the job between the first check and our claim.
@@ -177,6 +196,7 @@ impl JobStore {
             replica: lease.replica.clone(),
             epoch: lease.next_epoch()?,
             expires_at: now + lease.ttl,
+            released: false,
         };
         if self.write_claim(&lease.job_id, &claim).await? == CreateOutcome::AlreadyExists {
             return Err(lease.lost());
@@ -200,6 +220,7 @@ impl JobStore {
             replica: lease.replica.clone(),
             epoch: lease.next_epoch()?,
             expires_at: now,
+            released: true,
         };
         if self.write_claim(&lease.job_id, &claim).await? == CreateOutcome::Created {
             let epochs = self.claim_epochs(&lease.job_id).await?;

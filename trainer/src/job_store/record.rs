@@ -98,6 +98,12 @@ pub struct JobStatus {
     pub concept_version: Option<String>,
     /// How many times a replica started or resumed the job.
     pub attempts: u32,
+    /// Attempts that ended in a failure a retry may fix (storage trouble), the job
+    /// given back; a give-back on shutdown is not one.
+    pub failures: u32,
+    /// Attempts whose replica died with the job (killed, out of memory, a panic): its
+    /// lease expired or was taken back without being released.
+    pub crashes: u32,
     /// When the status was last written; `None` until then.
     pub update_time: Option<DateTime<Utc>>,
 }
@@ -139,11 +145,19 @@ impl JobStore {
             }
             CreateOutcome::AlreadyExists => {
                 let existing = self.get_spec::<S>(id).await?;
-                let queued = !self.get_status(id).await?.state.is_final();
-                self.write_markers(id, existing.create_time, queued).await?;
+                self.repair_markers(id, existing.create_time).await?;
                 Ok(Creation::Existing(existing))
             }
         }
+    }
+
+    /// Completes the markers of an existing job created at `create_time` (whoever
+    /// created it may have died between the writes): the index marker always, the
+    /// queue marker while the job is not final. A retried create must call this even
+    /// when it finds the job, or a job whose creator died would wait forever.
+    pub async fn repair_markers(&self, id: &str, create_time: DateTime<Utc>) -> coreg::Result<()> {
+        let queued = !self.get_status(id).await?.state.is_final();
+        self.write_markers(id, create_time, queued).await
     }
 
     async fn write_markers(

@@ -258,7 +258,8 @@ async fn lease_passes_on_after_expiry(jobs: JobStore) {
         Claim {
             replica: "b".into(),
             epoch: 2,
-            expires_at: at(70)
+            expires_at: at(70),
+            released: false,
         }
     );
 }
@@ -345,6 +346,39 @@ async fn release_lets_another_replica_take_the_job_at_once() {
             .await
             .unwrap()
             .is_none());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn only_a_holder_that_died_with_the_job_counts_as_a_crash() {
+    on_each_backend(|jobs| async move {
+        create(&jobs, "job", t0()).await;
+        let first = jobs.acquire("job", "a", TTL, t0()).await.unwrap().unwrap();
+        assert!(
+            !first.previous_holder_died(),
+            "a new job has no previous holder"
+        );
+        // Given back on purpose (shutdown): not a crash.
+        jobs.release(first, at(1)).await.unwrap();
+        let second = jobs.acquire("job", "b", TTL, at(2)).await.unwrap().unwrap();
+        assert!(!second.previous_holder_died());
+        // `b` dies holding the job: whoever takes it after expiry inherits a crash.
+        drop(second);
+        let third = jobs
+            .acquire("job", "c", TTL, at(40))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(third.previous_holder_died());
+        // `c` restarts under its own name and takes its unexpired claim back: the
+        // process that held it died too.
+        let fourth = jobs
+            .acquire("job", "c", TTL, at(41))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(fourth.previous_holder_died());
     })
     .await;
 }

@@ -109,8 +109,19 @@ impl Job<'_> {
                 keys.len()
             )));
         }
+        let max_bytes = ImageLimits::default().max_bytes as u64;
         keys.iter()
             .map(|key| {
+                // The size from the object's metadata first: a multi-GB object under
+                // a photo's key must not be downloaded to be refused.
+                let size = self
+                    .block_on(self.store.size(key))
+                    .map_err(Phase::Inputs.of())?;
+                if size > max_bytes {
+                    return Err(JobFailure::BadInput(format!(
+                        "image `{key}` is {size} bytes; a photo may be at most {max_bytes}"
+                    )));
+                }
                 self.block_on(self.store.get(key))
                     .map(|b| b.to_vec())
                     .map_err(Phase::Inputs.of())

@@ -28,9 +28,11 @@ mod stage2;
 
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use bytes::Bytes;
 use coreg::base_model::BaseModel;
+use coreg::cadence::Cadence;
 use coreg::dataset::BatchShape;
 use coreg::store::Store;
 use tch::Tensor;
@@ -42,6 +44,7 @@ use checkpoint::Checkpoint;
 use failure::Phase;
 use previews::Previewer;
 
+pub use checkpoint::discard_checkpoints;
 pub use inputs::MAX_IMAGES;
 pub use oneshot::run_job_file;
 
@@ -52,14 +55,17 @@ pub enum Stage {
     Embedding,
     /// Stage 2: the U-Net.
     UNet,
+    /// Writing the concept: the U-Net delta, the blobs, the manifest.
+    Writing,
 }
 
 impl Stage {
-    /// 1 or 2, as checkpoint and preview names spell the stage.
+    /// 1 or 2 (3 for writing), as checkpoint and preview names spell the stage.
     fn number(self) -> u8 {
         match self {
             Stage::Embedding => 1,
             Stage::UNet => 2,
+            Stage::Writing => 3,
         }
     }
 }
@@ -80,6 +86,12 @@ pub trait JobControl {
     /// Step `step` (1-based) of `total` of `stage` completed with these losses.
     fn step(&self, stage: Stage, step: usize, total: usize, losses: &[(&str, f64)]);
     fn stop(&self) -> Option<StopReason>;
+    /// The fence, asked before every write for the job: whether this run still holds
+    /// the job. A run with nobody to share the job with (`coreg-trainer run`) always
+    /// does.
+    fn may_write(&self) -> Result<(), JobFailure> {
+        Ok(())
+    }
 }
 
 /// One job's run against a loaded base model: everything it stores lives under
@@ -94,6 +106,9 @@ pub struct Job<'a> {
     control: &'a dyn JobControl,
     /// The state file the current checkpoint points at, deleted once superseded.
     state_file: RefCell<Option<String>>,
+    /// The running stage's checkpoint clock, and when its last step (or checkpoint)
+    /// ended.
+    cadence: RefCell<Option<(Cadence, Instant)>>,
 }
 
 impl<'a> Job<'a> {
@@ -114,6 +129,7 @@ impl<'a> Job<'a> {
             runtime,
             control,
             state_file: RefCell::new(None),
+            cadence: RefCell::new(None),
         }
     }
 
@@ -135,6 +151,12 @@ impl<'a> Job<'a> {
         if let Some(manifest) = self.finished()? {
             return Ok(format!("already done: {manifest}"));
         }
+        if let Some(manifest) = self.published()? {
+            // An earlier run published and died before recording it: done, not
+            // trained again.
+            self.finish(&manifest)?;
+            return Ok(format!("already published: {manifest}"));
+        }
         self.record_job()?;
         let inputs = self.inputs(model)?;
         let resume = self.resume_point()?;
@@ -149,6 +171,7 @@ impl<'a> Job<'a> {
     fn record_job(&self) -> Result<(), JobFailure> {
         let record = serde_json::to_vec_pretty(&self.spec_for_manifest()?)
             .map_err(|e| JobFailure::Failed(format!("recording the job: {e}")))?;
+        self.fence()?;
         self.block_on(
             self.store
                 .put_overwrite(&self.key("job.json"), Bytes::from(record)),
@@ -171,6 +194,11 @@ impl<'a> Job<'a> {
 
     fn block_on<F: std::future::Future>(&self, future: F) -> F::Output {
         self.runtime.block_on(future)
+    }
+
+    /// Asked before every write for the job (see [`JobControl::may_write`]).
+    fn fence(&self) -> Result<(), JobFailure> {
+        self.control.may_write()
     }
 
     /// Asked between steps: `Ok(true)` when the job must checkpoint and stop (the
@@ -203,18 +231,39 @@ impl<'a> Job<'a> {
             self.write_previews(previewer, stage, step, total, embedding)?;
         }
         let stop = self.shutting_down()?;
-        let every = self.spec.checkpoints.every;
-        let due = step == total || (every > 0 && step % every == 0);
-        if stop || due {
+        if self.checkpoint_due(step, total, stop) {
+            let started = Instant::now();
             self.advance_checkpoint(&checkpoint()?)?;
+            if let Some((cadence, last)) = self.cadence.borrow_mut().as_mut() {
+                cadence.wrote(started.elapsed());
+                *last = Instant::now();
+            }
             if stop && step < total {
-                return Err(JobFailure::Transient(format!(
+                return Err(JobFailure::Interrupted(format!(
                     "stopped after stage-{} step {step}; run the job again to resume",
                     stage.number()
                 )));
             }
         }
         Ok(())
+    }
+
+    /// Starts a stage's checkpoint clock; its checkpoints hold about `state_bytes`.
+    fn start_cadence(&self, state_bytes: u64) {
+        let cadence = Cadence::new(self.spec.checkpoints.policy(), state_bytes);
+        *self.cadence.borrow_mut() = Some((cadence, Instant::now()));
+    }
+
+    /// Whether the step just done ends with a checkpoint (see `coreg::cadence`).
+    fn checkpoint_due(&self, step: usize, total: usize, stopping: bool) -> bool {
+        let mut cadence = self.cadence.borrow_mut();
+        let Some((cadence, last)) = cadence.as_mut() else {
+            return true;
+        };
+        let now = Instant::now();
+        cadence.stepped(now - *last);
+        *last = now;
+        cadence.due(step, total, stopping).is_some()
     }
 
     /// The shape of a training batch of `batch_size` at the job's resolution.

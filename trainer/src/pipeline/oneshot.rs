@@ -65,11 +65,17 @@ struct TerminalControl {
 
 impl JobControl for TerminalControl {
     fn step(&self, stage: Stage, step: usize, total: usize, losses: &[(&str, f64)]) {
+        if stage == Stage::Writing {
+            if step == 0 {
+                eprintln!("writing the concept");
+            }
+            return;
+        }
         let mut progress = self.progress.borrow_mut();
         if progress.as_ref().is_none_or(|(s, _)| *s != stage) {
             let name = match stage {
                 Stage::Embedding => "stage 1",
-                Stage::UNet => "stage 2",
+                Stage::UNet | Stage::Writing => "stage 2",
             };
             *progress = Some((stage, Progress::new(name, step - 1, total)));
         }

@@ -70,6 +70,7 @@ impl Job<'_> {
         }
         let record = serde_json::to_vec_pretty(&plan)
             .map_err(|e| JobFailure::Failed(format!("preview plan: {e}")))?;
+        self.fence()?;
         self.block_on(
             self.store
                 .put_overwrite(&self.key("previews/plan.json"), Bytes::from(record)),
@@ -103,6 +104,7 @@ impl Job<'_> {
         let stage = stage.number();
         for (index, png) in images.into_iter().enumerate() {
             let key = self.key(&preview_name(stage, step, index));
+            self.fence()?;
             self.block_on(self.store.put_overwrite(&key, Bytes::from(png)))
                 .map_err(Phase::Training.of())?;
         }

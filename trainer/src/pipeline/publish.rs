@@ -1,19 +1,24 @@
 //! The end of a job: the concept's artifacts (S*, the U-Net delta from the base, the
 //! photos' latents for test-time optimization, the manifest) written to the store with
 //! the manifest last, then `jobs/<id>/result.json` naming it and the checkpoints
-//! dropped. A run that finds `result.json` is done.
+//! dropped. A run that finds `result.json` is done; so is one that finds the
+//! concept's manifest naming this job (an earlier run died between the two).
+//!
+//! Cancellation and the lease are checked once more between the blobs and the
+//! manifest: blobs are harmless to leave (content-addressed, unreferenced), the
+//! manifest is what makes the version exist.
 
 use bytes::Bytes;
 use coreg::artifact::{
-    base_model_identity, unet_delta, write_concept, ConceptArtifacts, LearnedEmbedding,
-    LossHistory, UNetDelta,
+    base_model_identity, published_by, unet_delta, ConceptArtifacts, LearnedEmbedding, LossHistory,
+    StagedConcept, UNetDelta,
 };
 use coreg::base_model::BaseModel;
 use tch::{Device, Tensor};
 
 use super::failure::Phase;
 use super::inputs::Inputs;
-use super::Job;
+use super::{Job, Stage};
 use crate::exit::JobFailure;
 
 impl Job<'_> {
@@ -25,25 +30,56 @@ impl Job<'_> {
         embedding: &Tensor,
         losses: LossHistory,
     ) -> Result<String, JobFailure> {
+        self.control.step(Stage::Writing, 0, 1, &[]);
         crate::failpoint::hit("writing");
-        let artifacts = self.artifacts(model, inputs, embedding, losses)?;
-        let concept = &self.spec.concept;
-        let version = concept.version.clone().unwrap_or_else(|| self.id.clone());
+        let training = Phase::Training.of();
+        let staged = StagedConcept::encode(self.artifacts(model, inputs, embedding, losses)?)
+            .map_err(&training)?;
+        let blobs = self
+            .block_on(staged.put_blobs(&self.store))
+            .map_err(&training)?;
         crate::failpoint::hit("before-manifest");
+        // A cancel or shutdown that came while the blobs were written still counts.
+        if self.shutting_down()? {
+            return Err(JobFailure::Interrupted(
+                "stopped before publishing; run the job again to resume".into(),
+            ));
+        }
+        self.fence()?;
+        let version = self.version();
         let written = self
-            .block_on(write_concept(
+            .block_on(blobs.publish(
                 &self.store,
-                &concept.name,
+                &self.spec.concept.name,
                 &version,
-                artifacts,
+                Some(&self.id),
             ))
-            .map_err(Phase::Training.of())?;
+            .map_err(&training)?;
         crate::failpoint::hit("after-manifest");
         self.finish(&written.path)?;
+        self.control.step(Stage::Writing, 1, 1, &[]);
         Ok(format!(
             "wrote {} (sha256 {})",
             written.path, written.sha256
         ))
+    }
+
+    /// The concept version the job publishes.
+    fn version(&self) -> String {
+        self.spec
+            .concept
+            .version
+            .clone()
+            .unwrap_or_else(|| self.id.clone())
+    }
+
+    /// The manifest of the job's concept version if this job already published it;
+    /// a version another job published is refused as bad input.
+    pub(super) fn published(&self) -> Result<Option<String>, JobFailure> {
+        let name = &self.spec.concept.name;
+        self.block_on(published_by(&self.store, name, &self.version(), &self.id))
+            .map(|found| found.map(|manifest| manifest.path))
+            .map_err(Phase::Inputs.of())
     }
 
     /// Everything the concept's version holds.
@@ -76,8 +112,9 @@ impl Job<'_> {
     }
 
     /// Records the result and drops the checkpoints, which the concept supersedes.
-    fn finish(&self, manifest: &str) -> Result<(), JobFailure> {
+    pub(super) fn finish(&self, manifest: &str) -> Result<(), JobFailure> {
         let result = serde_json::json!({ "manifest": manifest });
+        self.fence()?;
         self.block_on(
             self.store
                 .put_overwrite(&self.key("result.json"), Bytes::from(result.to_string())),

@@ -102,6 +102,8 @@ impl Job<'_> {
         let device = state.embedding.device();
         let shape = self.batch_shape(config.batch_size, num_train_timesteps);
         let seed = self.spec.training.seed;
+        // The embedding and its optimizer moments: a few KB.
+        self.start_cadence(0);
         while state.step < config.steps {
             let batch = inputs
                 .photos

@@ -97,6 +97,15 @@ impl Job<'_> {
         let device = stage2.unet().vars.device();
         let shape = self.batch_shape(config.batch_size, stage2.schedule().num_train_timesteps());
         let seed = self.spec.training.seed;
+        // The U-Net and AdamW's two moments, in the U-Net's precision.
+        let unet_bytes: u64 = stage2
+            .unet()
+            .vars
+            .trainable_variables()
+            .iter()
+            .map(|v| (v.numel() * v.kind().elt_size_in_bytes()) as u64)
+            .sum();
+        self.start_cadence(3 * unet_bytes);
         while state.step < config.steps {
             let batch = inputs
                 .photos

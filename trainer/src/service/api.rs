@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
+use coreg::artifact::manifest_path;
+use coreg::images::ImageLimits;
 use coreg::model::tokenizer::ClipTokenizer;
 use coreg_proto::v1 as pb;
 use coreg_proto::v1::trainer_service_server::TrainerService;
@@ -21,6 +23,7 @@ use crate::job_store::{
 
 use super::request::{RequestImage, TrainingRequest};
 use super::worker::WorkerShared;
+use crate::pipeline::discard_checkpoints;
 
 /// The most jobs one `ListTrainingJobs` page holds, and the size of an unsized page.
 const MAX_PAGE_SIZE: u32 = 100;
@@ -35,6 +38,8 @@ pub struct TrainerApi {
     /// Requests in flight; one more is answered RESOURCE_EXHAUSTED.
     pub permits: Arc<Semaphore>,
     pub max_queued_jobs: usize,
+    /// Where photos given by key must lie.
+    pub upload_prefix: String,
 }
 
 /// A store error as the client should see it.
@@ -103,6 +108,22 @@ fn duration(seconds: f64) -> prost_types::Duration {
 }
 
 impl TrainerApi {
+    /// A concept version is never overwritten: a request for one that exists is
+    /// refused now, not after the whole training.
+    async fn check_version_free(&self, training: &TrainingRequest, id: &str) -> Result<(), Status> {
+        let concept = &training.concept;
+        let version = concept.version.as_deref().unwrap_or(id);
+        let path = manifest_path(&concept.name, version).map_err(status_of)?;
+        if self.jobs.store().exists(&path).await.map_err(status_of)? {
+            return Err(Status::already_exists(format!(
+                "spec.concept_version: concept `{}` version `{version}` already exists; \
+                 versions are never overwritten, choose another",
+                concept.name
+            )));
+        }
+        Ok(())
+    }
+
     fn permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
         self.permits.clone().try_acquire_owned().map_err(|_| {
             Status::resource_exhausted("the trainer is handling too many requests; retry later")
@@ -143,14 +164,27 @@ impl TrainerApi {
         images: Vec<RequestImage>,
     ) -> Result<Vec<String>, Status> {
         let store = self.jobs.store();
-        // Every referenced photo must exist before anything is written, so a refused
-        // request leaves nothing behind.
+        // Every referenced photo must exist, within the size limit (from its metadata:
+        // nothing is downloaded here), before anything is written, so a refused request
+        // leaves nothing behind.
+        let max_bytes = ImageLimits::default().max_bytes as u64;
         for (i, image) in images.iter().enumerate() {
             if let RequestImage::Stored(key) = image {
-                if !store.exists(key).await.map_err(status_of)? {
-                    return Err(Status::invalid_argument(format!(
-                        "spec.images[{i}].object_key: {key:?} is not in the trainer's store"
-                    )));
+                let field = format!("spec.images[{i}].object_key");
+                match store.size(key).await {
+                    Ok(size) if size > max_bytes => {
+                        return Err(Status::invalid_argument(format!(
+                            "{field}: {key:?} is {size} bytes; a photo may be at most \
+                             {max_bytes}"
+                        )))
+                    }
+                    Ok(_) => {}
+                    Err(coreg::Error::NotFound { .. }) => {
+                        return Err(Status::invalid_argument(format!(
+                            "{field}: {key:?} is not in the trainer's store"
+                        )))
+                    }
+                    Err(e) => return Err(status_of(e)),
                 }
             }
         }
@@ -196,15 +230,25 @@ impl TrainerService for TrainerApi {
                 .map_err(|e| Status::invalid_argument(format!("request_id: {e}")))?,
             None => new_job_id(Utc::now()),
         };
-        // A retried request returns the job its first call created, storing nothing.
+        // A retried request returns the job its first call created, storing nothing but
+        // the markers a first call that died part-way may have left unwritten.
         if request_id.is_some() {
             match self.jobs.get_spec::<TrainingRequest>(&id).await {
-                Ok(_) => return Ok(Response::new(self.job(&id).await?)),
+                Ok(stored) => {
+                    self.jobs
+                        .repair_markers(&id, stored.create_time)
+                        .await
+                        .map_err(status_of)?;
+                    self.shared.wake();
+                    return Ok(Response::new(self.job(&id).await?));
+                }
                 Err(coreg::Error::NotFound { .. }) => {}
                 Err(e) => return Err(status_of(e)),
             }
         }
-        let (mut training, images) = TrainingRequest::from_proto(spec, &self.tokenizer)?;
+        let (mut training, images) =
+            TrainingRequest::from_proto(spec, &self.tokenizer, &self.upload_prefix)?;
+        self.check_version_free(&training, &id).await?;
         let queued = self.jobs.queued_jobs().await.map_err(status_of)?;
         if queued.len() >= self.max_queued_jobs {
             return Err(Status::resource_exhausted(format!(
@@ -310,6 +354,10 @@ impl TrainerService for TrainerApi {
         {
             let mut status = self.jobs.get_status(&id).await.map_err(status_of)?;
             status.state = JobState::Cancelled;
+            // A job queued after a give-back has checkpoints: never resumed now.
+            discard_checkpoints(self.jobs.store(), &id)
+                .await
+                .map_err(status_of)?;
             self.jobs
                 .finish(lease, status, Utc::now())
                 .await
@@ -335,6 +383,7 @@ impl TrainerService for TrainerApi {
             shared: self.shared.clone(),
             permits: self.permits.clone(),
             max_queued_jobs: self.max_queued_jobs,
+            upload_prefix: self.upload_prefix.clone(),
         };
         tokio::spawn(async move { this.watch(id, first, tx).await });
         Ok(Response::new(Box::pin(

@@ -29,6 +29,17 @@ pub struct ServiceConfig {
     pub lease_seconds: u64,
     /// How often an idle replica looks for queued jobs.
     pub poll_milliseconds: u64,
+    /// A job whose replicas died with it this many times (killed, out of memory, a
+    /// panic: the lease expired without being released) ends FAILED, so that a job
+    /// that kills its replica cannot cycle through the fleet forever.
+    pub max_crashes: u32,
+    /// A job whose attempts failed this many times for reasons a retry may fix
+    /// (storage trouble) ends FAILED. Give-backs on shutdown never count.
+    pub max_failures: u32,
+    /// Photos given by object key must lie under this prefix of the store (users
+    /// upload there); every other key — concepts, generated images, other jobs, the
+    /// queue — is refused.
+    pub upload_prefix: String,
     /// On SIGTERM, how long a running job has to reach a step boundary and checkpoint
     /// before the service exits anyway.
     pub shutdown_grace_seconds: u64,
@@ -60,6 +71,9 @@ impl Default for ServiceConfig {
             replica_id: None,
             lease_seconds: 30,
             poll_milliseconds: 1000,
+            max_crashes: 3,
+            max_failures: 5,
+            upload_prefix: "uploads/".into(),
             shutdown_grace_seconds: 30,
             limits: LimitsConfig {
                 max_request_bytes: 64 << 20,
@@ -83,6 +97,9 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "replica_id",
     "lease_seconds",
     "poll_milliseconds",
+    "max_crashes",
+    "max_failures",
+    "upload_prefix",
     "shutdown_grace_seconds",
     "limits",
     "log_format",
@@ -114,6 +131,31 @@ impl ServiceConfig {
             return bad(
                 "poll_milliseconds",
                 format!("{} is outside [1, 60000]", self.poll_milliseconds),
+            );
+        }
+        for (key, value) in [
+            ("max_crashes", self.max_crashes),
+            ("max_failures", self.max_failures),
+        ] {
+            if !(1..=100).contains(&value) {
+                return bad(key, format!("{value} is outside [1, 100]"));
+            }
+        }
+        let prefix = &self.upload_prefix;
+        let segments_ok = prefix
+            .trim_end_matches('/')
+            .split('/')
+            .all(|s| !s.is_empty() && s != "." && s != "..");
+        let reserved = ["jobs", "concepts", "blobs", "index", "queue", "generated"]
+            .iter()
+            .any(|r| prefix.trim_end_matches('/') == *r);
+        if !prefix.ends_with('/') || prefix.starts_with('/') || !segments_ok || reserved {
+            return bad(
+                "upload_prefix",
+                format!(
+                    "{prefix:?} must be a folder of the store ending in `/` (e.g. `uploads/`), \
+                     not one of coreg's own"
+                ),
             );
         }
         if self.shutdown_grace_seconds > 3600 {
@@ -228,6 +270,10 @@ mod tests {
                 "limits.max_request_bytes",
             ),
             ("lease_secs = 10", "lease_secs"),
+            ("max_crashes = 0", "max_crashes"),
+            ("upload_prefix = \"jobs/\"", "upload_prefix"),
+            ("upload_prefix = \"uploads\"", "upload_prefix"),
+            ("upload_prefix = \"../x/\"", "upload_prefix"),
         ] {
             let file = dir.path().join("c.toml");
             std::fs::write(&file, text).unwrap();

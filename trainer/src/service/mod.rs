@@ -6,6 +6,7 @@
 
 mod api;
 pub mod config;
+mod lease_keeper;
 mod metrics;
 mod request;
 mod worker;
@@ -70,6 +71,8 @@ async fn serve_async(config: ServiceConfig) -> anyhow::Result<()> {
         shutdown: Default::default(),
         wake: Default::default(),
         metrics: Default::default(),
+        died: Default::default(),
+        died_notify: Default::default(),
     });
     if let Some(address) = config.metrics_listen {
         let bound = coreg_serving::metrics::spawn_exporter(address, shared.metrics.clone())
@@ -96,6 +99,7 @@ async fn serve_async(config: ServiceConfig) -> anyhow::Result<()> {
         shared: shared.clone(),
         permits: Arc::new(Semaphore::new(config.limits.max_concurrent_requests)),
         max_queued_jobs: config.limits.max_queued_jobs,
+        upload_prefix: config.upload_prefix.clone(),
     };
     let trainer = TrainerServiceServer::new(api)
         .max_decoding_message_size(config.limits.max_request_bytes)
@@ -115,15 +119,38 @@ async fn serve_async(config: ServiceConfig) -> anyhow::Result<()> {
         .add_service(trainer);
 
     let readiness = mark_ready(ready_rx, health.clone(), shared.clone());
+    let died = model_thread_died(health.clone(), shared.clone());
     let shutdown = drain_on_signal(health, shared, worker_thread, config.shutdown_grace());
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let server = router.serve_with_incoming_shutdown(incoming, shutdown);
     tokio::pin!(server);
+    tokio::pin!(died);
     tokio::select! {
         result = &mut server => return result.map_err(Into::into),
         ready = readiness => ready?,
+        error = &mut died => return Err(error),
     }
-    server.await.map_err(Into::into)
+    tokio::select! {
+        result = &mut server => result.map_err(Into::into),
+        error = &mut died => Err(error),
+    }
+}
+
+/// Waits for the model thread to give up (a panic: its model may be half-updated),
+/// then turns NOT_SERVING; the error ends the process non-zero so that Kubernetes
+/// restarts the replica with a fresh model.
+async fn model_thread_died(health: Health, shared: Arc<WorkerShared>) -> anyhow::Error {
+    shared.died_notify.notified().await;
+    health.set(ServingStatus::NotServing).await;
+    shared.metrics.ready.set(0);
+    let message = shared
+        .died
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
+        .unwrap_or_default();
+    tracing::error!("the model thread panicked ({message}); NOT_SERVING, exiting");
+    anyhow::anyhow!("the model thread panicked: {message}")
 }
 
 /// Health turns SERVING once the model thread reports the base model loaded; an error

@@ -47,7 +47,10 @@ fn count(value: Option<u32>) -> Option<usize> {
 
 /// The request's photos, each inline one decoded within the limits and each stored one
 /// a safe key, with the field of a bad one named.
-fn request_images(images: Vec<pb::TrainingImage>) -> Result<Vec<RequestImage>, Status> {
+fn request_images(
+    images: Vec<pb::TrainingImage>,
+    upload_prefix: &str,
+) -> Result<Vec<RequestImage>, Status> {
     if images.is_empty() {
         return Err(invalid("spec.images", "a job needs at least one photo"));
     }
@@ -72,7 +75,7 @@ fn request_images(images: Vec<pb::TrainingImage>) -> Result<Vec<RequestImage>, S
                     Ok(RequestImage::Inline(bytes))
                 }
                 Some(pb::training_image::Source::ObjectKey(key)) => {
-                    check_object_key(&key).map_err(|e| invalid(&field, e))?;
+                    check_object_key(&key, upload_prefix).map_err(|e| invalid(&field, e))?;
                     Ok(RequestImage::Stored(key))
                 }
                 None => Err(invalid(&field, "give `data` or `object_key`")),
@@ -123,8 +126,9 @@ impl TrainingRequest {
     pub fn from_proto(
         spec: pb::TrainingJobSpec,
         tokenizer: &ClipTokenizer,
+        upload_prefix: &str,
     ) -> Result<(TrainingRequest, Vec<RequestImage>), Status> {
-        let images = request_images(spec.images)?;
+        let images = request_images(spec.images, upload_prefix)?;
         let prompt_set = match pb::PromptSet::try_from(spec.prompt_set) {
             Ok(pb::PromptSet::Unspecified | pb::PromptSet::Animate) => "animate",
             Ok(pb::PromptSet::Inanimate) => "inanimate",
@@ -163,6 +167,7 @@ impl TrainingRequest {
                 every: spec
                     .checkpoint_every
                     .map_or(CheckpointSpec::default().every, |v| v as usize),
+                ..CheckpointSpec::default()
             },
             previews: PreviewSpec {
                 every: count(previews.every),
@@ -351,13 +356,11 @@ fn proto_field(key: &str) -> String {
     }
 }
 
-/// Top-level folders the service writes (jobs, concepts, content-addressed blobs): a
-/// job may not train on another job's inputs or on artifacts.
-const RESERVED_PREFIXES: [&str; 3] = ["jobs", "concepts", "blobs"];
-
 /// A store key a client may point a job at: relative, no `..`, no empty segments, no
-/// control characters, and not inside the service's own areas.
-fn check_object_key(key: &str) -> Result<(), String> {
+/// control characters, and under `upload_prefix` (where users upload). Anything else
+/// in the store — other jobs' inputs, concepts, blobs, generated images, the queue —
+/// is not a photo a request may name.
+fn check_object_key(key: &str, upload_prefix: &str) -> Result<(), String> {
     let bad = key.is_empty()
         || key.len() > 1024
         || key.starts_with('/')
@@ -370,10 +373,9 @@ fn check_object_key(key: &str) -> Result<(), String> {
             "{key:?} is not a relative object key (no empty, `.` or `..` segments)"
         ));
     }
-    let top = key.split('/').next().unwrap_or_default();
-    if RESERVED_PREFIXES.contains(&top) {
+    if !key.starts_with(upload_prefix) || key.len() == upload_prefix.len() {
         return Err(format!(
-            "{key:?} is inside the service's own `{top}/` area; upload photos elsewhere"
+            "{key:?} is outside `{upload_prefix}`, the store's folder for uploaded photos"
         ));
     }
     Ok(())
@@ -384,22 +386,32 @@ mod tests {
     use super::*;
 
     #[test]
-    fn object_keys_cannot_escape_the_store() {
+    fn object_keys_cannot_escape_the_upload_folder() {
         for key in [
             "",
             "/etc/passwd",
-            "a/../b",
-            "a//b",
-            "./a",
-            "a\nb",
+            "uploads/a/../b",
+            "uploads//b",
+            "./uploads/a",
+            "uploads/a\nb",
+            "uploads/",
             "jobs/r1/inputs/00",
             "concepts/toy/v1/manifest.json",
             "blobs/sha256/00",
+            "generated/someone-else/0.png",
+            "queue/r1",
+            "index/000-r1",
+            "uploadsx/a.png",
+            "a.png",
         ] {
-            assert!(check_object_key(key).is_err(), "{key:?} accepted");
+            assert!(
+                check_object_key(key, "uploads/").is_err(),
+                "{key:?} accepted"
+            );
         }
-        for key in ["uploads/rex/1.jpg", "a.png"] {
-            assert!(check_object_key(key).is_ok(), "{key:?} refused");
+        for key in ["uploads/rex/1.jpg", "uploads/a.png"] {
+            assert!(check_object_key(key, "uploads/").is_ok(), "{key:?} refused");
         }
+        assert!(check_object_key("team/photos/a.png", "team/photos/").is_ok());
     }
 }

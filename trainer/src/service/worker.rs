@@ -3,6 +3,7 @@
 //! them with the one-shot pipeline, and records their state for every replica to see.
 
 use std::cell::{Cell, RefCell};
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
@@ -15,20 +16,21 @@ use crate::job::{ModelSpec, StoreSpec};
 use crate::job_store::{
     self, JobState, JobStatus, JobStore, Lease, StoredSpec, TrainingProgress, TrainingStage,
 };
-use crate::pipeline::{Job, JobControl, Stage, StopReason};
+use crate::pipeline::{discard_checkpoints, Job, JobControl, Stage, StopReason};
 use coreg::base_model::{parse_device, BaseModel};
 
 use super::config::ServiceConfig;
+use super::lease_keeper::KeptLease;
 use super::metrics::Metrics;
 use super::request::TrainingRequest;
 
-/// How many times a job may be given back after transient failures before it fails.
-const MAX_ATTEMPTS: u32 = 5;
 /// Weight of the newest step in the step-time average.
 const STEP_TIME_SMOOTHING: f64 = 0.2;
-/// Between steps, how often the holder checks for a cancellation and renews its lease,
-/// and the most often it rewrites the job's status.
+/// Between steps, how often the holder checks for a cancellation, and the most often it
+/// rewrites the job's status.
 const CHECK_INTERVAL: Duration = Duration::from_millis(500);
+/// How often a write waiting for the lease to be renewed looks again.
+const FENCE_POLL: Duration = Duration::from_millis(100);
 
 /// What the async layer and the model thread share.
 pub struct WorkerShared {
@@ -37,6 +39,10 @@ pub struct WorkerShared {
     /// Wakes an idle worker early (a job was just created here).
     pub wake: std::sync::Mutex<Option<mpsc::Sender<()>>>,
     pub metrics: Arc<Metrics>,
+    /// Why the model thread stopped taking jobs for good (it panicked); the service
+    /// then turns NOT_SERVING and exits non-zero, for Kubernetes to restart it.
+    pub died: std::sync::Mutex<Option<String>>,
+    pub died_notify: tokio::sync::Notify,
 }
 
 impl WorkerShared {
@@ -88,28 +94,35 @@ impl Worker {
         tracing::info!(replica = %self.replica, "model loaded; taking jobs");
         crate::failpoint::hit("before-taking-jobs");
         while !self.shared.shutdown.load(Ordering::SeqCst) {
-            let worked = match self.take_one(&mut model) {
-                Ok(worked) => worked,
+            let ran = match self.take_one(&mut model) {
+                Ok(ran) => ran,
                 Err(e) => {
                     tracing::warn!("looking for work failed: {e}");
-                    false
+                    Ran::Nothing
                 }
             };
-            if !worked {
-                let _ = wake_rx.recv_timeout(self.config.poll_interval());
+            match ran {
+                Ran::Job => {}
+                Ran::Nothing => {
+                    let _ = wake_rx.recv_timeout(self.config.poll_interval());
+                }
+                Ran::Panicked(message) => {
+                    *self.shared.died.lock().unwrap_or_else(|e| e.into_inner()) = Some(message);
+                    self.shared.died_notify.notify_one();
+                    return;
+                }
             }
         }
         tracing::info!("worker stopped");
     }
 
-    /// Runs the first queued job this replica can claim; `Ok(false)` when there was
-    /// none.
-    fn take_one(&self, model: &mut BaseModel) -> Result<bool, job_store::Error> {
+    /// Runs the first queued job this replica can claim.
+    fn take_one(&self, model: &mut BaseModel) -> Result<Ran, job_store::Error> {
         let queued = self.runtime.block_on(self.jobs.queued_jobs())?;
         self.shared.metrics.queue_depth.set(queued.len() as i64);
         for id in queued {
             if self.shared.shutdown.load(Ordering::SeqCst) {
-                return Ok(false);
+                return Ok(Ran::Nothing);
             }
             let lease = self.runtime.block_on(self.jobs.acquire(
                 &id,
@@ -118,28 +131,20 @@ impl Worker {
                 Utc::now(),
             ))?;
             if let Some(lease) = lease {
-                self.run_job(model, lease)?;
-                return Ok(true);
+                return self.run_job(model, lease);
             }
         }
-        Ok(false)
+        Ok(Ran::Nothing)
     }
 
-    fn run_job(&self, model: &mut BaseModel, lease: Lease) -> Result<(), job_store::Error> {
+    fn run_job(&self, model: &mut BaseModel, lease: Lease) -> Result<Ran, job_store::Error> {
         let id = lease.job_id().to_owned();
         let _span = tracing::info_span!("job", job = %id).entered();
         let stored: StoredSpec<TrainingRequest> = self.runtime.block_on(self.jobs.get_spec(&id))?;
-        let mut status = self.runtime.block_on(self.jobs.get_status(&id))?;
-        if self.runtime.block_on(self.jobs.cancel_requested(&id))? {
-            status.state = JobState::Cancelled;
-            return self.finish(lease, status);
-        }
-        status.state = JobState::Running;
-        status.attempts += 1;
-        status.error = None;
-        self.runtime
-            .block_on(self.jobs.put_status(&lease, status.clone(), Utc::now()))?;
-        tracing::info!(attempt = status.attempts, "job started");
+        let status = self.runtime.block_on(self.jobs.get_status(&id))?;
+        let Some((lease, status)) = self.admit(lease, status)? else {
+            return Ok(Ran::Job);
+        };
         self.shared.metrics.running.set(1);
 
         let spec = stored.spec.job_spec(
@@ -154,15 +159,16 @@ impl Worker {
             },
         );
         let version = spec.concept.version.clone().unwrap_or_else(|| id.clone());
+        let kept = KeptLease::keep(self.jobs.clone(), lease, self.runtime.clone());
         let control = ServiceControl {
             worker: self,
-            lease: RefCell::new(Some(lease)),
+            job_id: id.clone(),
+            lease: &kept,
             status: RefCell::new(status),
             last_check: Cell::new(Instant::now()),
             last_status: Cell::new(Instant::now()),
             last_step: Cell::new(None),
             step_seconds: Cell::new(None),
-            lost: Cell::new(false),
         };
         let job = Job::new(
             spec,
@@ -172,17 +178,70 @@ impl Worker {
             self.runtime.clone(),
             &control,
         );
-        let result = job.run(model);
+        // The model's weights may be half-updated after a panic: the job is given
+        // back (or failed) and the replica leaves, so that Kubernetes restarts it.
+        let result = std::panic::catch_unwind(AssertUnwindSafe(|| job.run(model)));
         self.shared.metrics.running.set(0);
-        let lost = control.lost.get();
-        let (Some(lease), status) = (control.lease.take(), control.status.take()) else {
-            return Ok(());
-        };
-        if lost {
+        let status = control.status.take();
+        let Some(lease) = kept.stop() else {
             tracing::warn!("another replica took the job over; stopped");
-            return Ok(());
+            return Ok(Ran::Job);
+        };
+        match result {
+            Ok(result) => {
+                self.record_outcome(result, lease, status, version)?;
+                Ok(Ran::Job)
+            }
+            Err(panic) => {
+                let message = panic_message(panic.as_ref());
+                tracing::error!("the model thread panicked: {message}");
+                self.record_crash(lease, status, &message)?;
+                Ok(Ran::Panicked(message))
+            }
         }
-        self.record_outcome(result, lease, status, version)
+    }
+
+    /// Decides whether the claimed job runs: a crash of its previous holder is counted,
+    /// and a job cancelled meanwhile or crashed too often ends here. Otherwise the job
+    /// is marked running; `None` when it ended.
+    fn admit(
+        &self,
+        lease: Lease,
+        mut status: JobStatus,
+    ) -> Result<Option<(Lease, JobStatus)>, job_store::Error> {
+        if lease.previous_holder_died() {
+            status.crashes += 1;
+            tracing::warn!(
+                crashes = status.crashes,
+                "the job's previous replica died with it"
+            );
+        }
+        if self
+            .runtime
+            .block_on(self.jobs.cancel_requested(lease.job_id()))?
+        {
+            status.state = JobState::Cancelled;
+            self.finish(lease, status)?;
+            return Ok(None);
+        }
+        if status.crashes >= self.config.max_crashes {
+            status.state = JobState::Failed;
+            status.error = Some(format!(
+                "the replicas running this job died with it {} times (killed, out of \
+                 memory, or a panic: see their logs); last error: {}",
+                status.crashes,
+                status.error.as_deref().unwrap_or("none recorded")
+            ));
+            self.finish(lease, status)?;
+            return Ok(None);
+        }
+        status.state = JobState::Running;
+        status.attempts += 1;
+        status.error = None;
+        self.runtime
+            .block_on(self.jobs.put_status(&lease, status.clone(), Utc::now()))?;
+        tracing::info!(attempt = status.attempts, "job started");
+        Ok(Some((lease, status)))
     }
 
     /// Ends the job's attempt in the store as `result` says: succeeded, cancelled,
@@ -205,21 +264,26 @@ impl Worker {
                 status.state = JobState::Cancelled;
                 self.finish(lease, status)
             }
-            Err(JobFailure::LeaseLost) => Ok(()),
-            Err(JobFailure::Transient(message)) if status.attempts < MAX_ATTEMPTS => {
-                // Shutdown, or storage trouble: give the job back for any replica to
-                // resume from its last checkpoint.
-                tracing::warn!("job given back: {message}");
-                status.state = JobState::Queued;
-                status.error = Some(message);
-                self.runtime
-                    .block_on(self.jobs.put_status(&lease, status, Utc::now()))?;
-                self.runtime
-                    .block_on(self.jobs.release(lease, Utc::now()))
-                    .map_err(Into::into)
+            // Shutdown: given back, not counted against the job.
+            Err(JobFailure::Interrupted(message)) => self.give_back(lease, status, message),
+            // The lease could not be renewed in time (the store is failing): the
+            // claim may already be another replica's, and releasing it is harmless
+            // either way.
+            Err(JobFailure::LeaseLost) => self
+                .runtime
+                .block_on(self.jobs.release(lease, Utc::now()))
+                .map_err(Into::into),
+            Err(JobFailure::Transient(message))
+                if status.failures + 1 < self.config.max_failures =>
+            {
+                status.failures += 1;
+                self.give_back(lease, status, message)
             }
             Err(failure) => {
                 tracing::warn!("job failed: {failure}");
+                if matches!(failure, JobFailure::Transient(_)) {
+                    status.failures += 1;
+                }
                 status.state = JobState::Failed;
                 status.error = Some(failure.to_string());
                 self.finish(lease, status)
@@ -227,8 +291,52 @@ impl Worker {
         }
     }
 
+    /// A panic ended the attempt: counted as a crash (the replica is leaving), then the
+    /// job is given back, or failed once it crashed too often.
+    fn record_crash(
+        &self,
+        lease: Lease,
+        mut status: JobStatus,
+        message: &str,
+    ) -> Result<(), job_store::Error> {
+        status.crashes += 1;
+        let error = format!("the trainer panicked: {message}");
+        if status.crashes >= self.config.max_crashes {
+            status.state = JobState::Failed;
+            status.error = Some(format!(
+                "the replicas running this job died with it {} times; last: {error}",
+                status.crashes
+            ));
+            return self.finish(lease, status);
+        }
+        self.give_back(lease, status, error)
+    }
+
+    /// Queues the job again for any replica to resume from its last checkpoint.
+    fn give_back(
+        &self,
+        lease: Lease,
+        mut status: JobStatus,
+        message: String,
+    ) -> Result<(), job_store::Error> {
+        tracing::warn!("job given back: {message}");
+        status.state = JobState::Queued;
+        status.error = Some(message);
+        self.runtime
+            .block_on(self.jobs.put_status(&lease, status, Utc::now()))?;
+        self.runtime
+            .block_on(self.jobs.release(lease, Utc::now()))
+            .map_err(Into::into)
+    }
+
+    /// Ends the job for good. A job that did not succeed is never resumed, so its
+    /// checkpoints go first (a success already dropped them when it published).
     fn finish(&self, lease: Lease, status: JobStatus) -> Result<(), job_store::Error> {
         let state = status.state;
+        if state != JobState::Succeeded {
+            self.runtime
+                .block_on(discard_checkpoints(self.jobs.store(), lease.job_id()))?;
+        }
         self.runtime
             .block_on(self.jobs.finish(lease, status, Utc::now()))?;
         self.shared.metrics.finished(state);
@@ -237,12 +345,33 @@ impl Worker {
     }
 }
 
+/// What a panic carried, in words.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
+}
+
+/// What taking one job came to.
+enum Ran {
+    /// No job could be claimed.
+    Nothing,
+    /// A job ran and its outcome is recorded.
+    Job,
+    /// The model thread panicked running a job: the replica must leave.
+    Panicked(String),
+}
+
 /// The pipeline's view of the service while one job runs: progress goes to the job's
-/// status (at most every [`CHECK_INTERVAL`]), and between steps the lease is renewed and
-/// cancellation and shutdown are checked.
+/// status (at most every [`CHECK_INTERVAL`]); between steps cancellation and shutdown
+/// are checked; before every write the lease is asked (the fence). The lease itself
+/// is renewed by its own task ([`KeptLease`]).
 struct ServiceControl<'w> {
     worker: &'w Worker,
-    lease: RefCell<Option<Lease>>,
+    job_id: String,
+    lease: &'w KeptLease,
     status: RefCell<JobStatus>,
     last_check: Cell<Instant>,
     last_status: Cell<Instant>,
@@ -250,20 +379,12 @@ struct ServiceControl<'w> {
     last_step: Cell<Option<(Instant, Stage)>>,
     /// Exponential moving average of this stage's step times.
     step_seconds: Cell<Option<f64>>,
-    lost: Cell<bool>,
 }
 
 impl ServiceControl<'_> {
     fn write_status(&self) {
-        let lease = self.lease.borrow();
-        let Some(lease) = lease.as_ref() else { return };
         let status = self.status.borrow().clone();
-        let jobs = &self.worker.jobs;
-        if let Err(e) = self
-            .worker
-            .runtime
-            .block_on(jobs.put_status(lease, status, Utc::now()))
-        {
+        if let Err(e) = self.lease.put_status(&self.worker.jobs, status) {
             tracing::warn!("writing the job's progress failed: {e}");
         }
         self.last_status.set(Instant::now());
@@ -273,7 +394,9 @@ impl ServiceControl<'_> {
 impl JobControl for ServiceControl<'_> {
     fn step(&self, stage: Stage, step: usize, total: usize, losses: &[(&str, f64)]) {
         let now = Instant::now();
-        match self.last_step.replace(Some((now, stage))) {
+        let previous = self.last_step.replace(Some((now, stage)));
+        let new_stage = previous.is_none_or(|(_, previous_stage)| previous_stage != stage);
+        match previous {
             Some((previous, previous_stage)) if previous_stage == stage => {
                 let seconds = (now - previous).as_secs_f64();
                 self.worker.shared.metrics.step_seconds.set(seconds);
@@ -291,6 +414,7 @@ impl JobControl for ServiceControl<'_> {
             stage: match stage {
                 Stage::Embedding => TrainingStage::Embedding,
                 Stage::UNet => TrainingStage::Unet,
+                Stage::Writing => TrainingStage::Writing,
             },
             step: step as u32,
             total_steps: total as u32,
@@ -301,13 +425,14 @@ impl JobControl for ServiceControl<'_> {
                 .collect(),
             step_seconds: self.step_seconds.get(),
         });
-        if step == total || now - self.last_status.get() >= CHECK_INTERVAL {
+        // A new stage is shown at once: watchers (and a cancel) see the writing phase.
+        if new_stage || step == total || now - self.last_status.get() >= CHECK_INTERVAL {
             self.write_status();
         }
     }
 
     fn stop(&self) -> Option<StopReason> {
-        if self.lost.get() {
+        if self.lease.lost() {
             return Some(StopReason::LeaseLost);
         }
         if self.worker.shared.shutdown.load(Ordering::SeqCst) {
@@ -318,31 +443,39 @@ impl JobControl for ServiceControl<'_> {
         }
         self.last_check.set(Instant::now());
         let jobs = &self.worker.jobs;
-        let runtime = &self.worker.runtime;
-        let mut lease = self.lease.borrow_mut();
-        let held = lease.as_mut()?;
-        // Renew once half the lease has passed, so that a slow store still leaves time.
-        let remaining = held.expires_at() - Utc::now();
-        if remaining
-            < chrono::TimeDelta::from_std(self.worker.config.lease() / 2).unwrap_or_default()
+        match self
+            .worker
+            .runtime
+            .block_on(jobs.cancel_requested(&self.job_id))
         {
-            if let Err(e) = runtime.block_on(jobs.renew(held, Utc::now())) {
-                tracing::warn!("renewing the lease failed: {e}");
-                if matches!(e, job_store::Error::LeaseLost { .. })
-                    || Utc::now() >= held.expires_at()
-                {
-                    self.lost.set(true);
-                    return Some(StopReason::LeaseLost);
-                }
-            }
-        }
-        match runtime.block_on(jobs.cancel_requested(held.job_id())) {
             Ok(true) => Some(StopReason::Cancelled),
             Ok(false) => None,
             Err(e) => {
                 tracing::warn!("checking for cancellation failed: {e}");
                 None
             }
+        }
+    }
+
+    fn may_write(&self) -> Result<(), JobFailure> {
+        // While renewals fail (a store outage) the fence is down; wait for the renewal
+        // task to get through rather than give up a job at the first slow request.
+        let deadline = Instant::now() + self.worker.config.lease();
+        loop {
+            if self.lease.lost() {
+                return Err(JobFailure::LeaseLost);
+            }
+            if self.lease.holds() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(JobFailure::Transient(format!(
+                    "the job's lease could not be renewed (it expired at {}); giving the \
+                     job back",
+                    self.lease.expires_at()
+                )));
+            }
+            std::thread::sleep(FENCE_POLL);
         }
     }
 }

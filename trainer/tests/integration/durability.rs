@@ -18,7 +18,7 @@ use crate::common::server::TrainerServer;
 use crate::common::{self, JobFile};
 
 /// Generous: the tests share two cores with each other.
-const JOB_TIMEOUT: Duration = Duration::from_secs(150);
+const JOB_TIMEOUT: Duration = Duration::from_secs(600);
 /// The lease every replica here runs with: short, so that expiries happen in a test.
 const LEASE_SECONDS: &str = "3";
 
