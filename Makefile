@@ -52,6 +52,18 @@ $(PY_CLIENT_STAMP): $(STAMP)/venv $(wildcard proto/coreg/v1/*.proto) clients/pyt
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-build-isolation -e clients/python -r clients/python/requirements-test.txt
 	@mkdir -p $(STAMP) && touch $@
 
+# toxiproxy, the fault-injecting TCP proxy the trainer's chaos test puts in front of
+# the S3 API (latency, throttling, reset connections, partitions), built at a pinned
+# version through the Go module proxy into target/tools/bin.
+TOXIPROXY_VERSION := v2.5.0
+export COREG_TOXIPROXY := $(CURDIR)/target/tools/bin/toxiproxy-server
+setup: $(COREG_TOXIPROXY)
+
+$(COREG_TOXIPROXY):
+	@mkdir -p $(STAMP)/toxiproxy
+	GOBIN=$(STAMP)/toxiproxy GOFLAGS=-buildvcs=false go install github.com/Shopify/toxiproxy/v2/cmd/server@$(TOXIPROXY_VERSION)
+	@mkdir -p $(dir $@) && mv $(STAMP)/toxiproxy/server $@
+
 # The binaries (the demo runs them). Tests, examples and benches are built by the
 # commands that use them: each links libtorch (~400 MB), so none is linked twice.
 build: setup
@@ -62,7 +74,7 @@ build: setup
 # cycles inside a crate (tests/lint/module_cycles.py).
 lint: setup
 	cargo fmt --all -- --check
-	cargo clippy --workspace --all-targets -- -D warnings
+	cargo clippy --workspace --all-targets --all-features -- -D warnings
 	RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --document-private-items --quiet
 	python3 tests/lint/module_cycles.py shared/src trainer/src sampler/src serving/src
 

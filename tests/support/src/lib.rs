@@ -10,6 +10,8 @@
 //!   interpreter and modules, safetensors files, and the tolerance measure of the
 //!   parity tests.
 //! - [`moto`]: a real S3 API (`moto_server`) on loopback.
+//! - [`faults`]: store faults (latency, throttling, resets, partitions) from a real
+//!   fault-injecting proxy in front of it.
 //! - [`binaries`]: a workspace binary (`coreg-trainer`, `coreg-sampler`) from any test
 //!   crate, built first if needed.
 //! - [`process`]: a service child process (`… serve`) on loopback: started, probed,
@@ -23,6 +25,7 @@
 
 pub mod binaries;
 pub mod concept;
+pub mod faults;
 pub mod fixture;
 pub mod model;
 pub mod moto;

@@ -44,6 +44,11 @@ impl MotoServer {
         server
     }
 
+    /// `host:port` of the server.
+    pub fn address(&self) -> &str {
+        self.endpoint.trim_start_matches("http://")
+    }
+
     pub fn create_bucket(&self, bucket: &str) {
         let script = format!(
             "import boto3; boto3.client('s3', endpoint_url='{}', aws_access_key_id='test', \

@@ -185,6 +185,7 @@ impl Worker {
         let status = control.status.take();
         let Some(lease) = kept.stop() else {
             tracing::warn!("another replica took the job over; stopped");
+            self.tidy_after_takeover(&id);
             return Ok(Ran::Job);
         };
         match result {
@@ -269,10 +270,13 @@ impl Worker {
             // The lease could not be renewed in time (the store is failing): the
             // claim may already be another replica's, and releasing it is harmless
             // either way.
-            Err(JobFailure::LeaseLost) => self
-                .runtime
-                .block_on(self.jobs.release(lease, Utc::now()))
-                .map_err(Into::into),
+            Err(JobFailure::LeaseLost) => {
+                let id = lease.job_id().to_owned();
+                self.runtime
+                    .block_on(self.jobs.release(lease, Utc::now()))?;
+                self.tidy_after_takeover(&id);
+                Ok(())
+            }
             Err(JobFailure::Transient(message))
                 if status.failures + 1 < self.config.max_failures =>
             {
@@ -342,6 +346,25 @@ impl Worker {
         self.shared.metrics.finished(state);
         tracing::info!(?state, "job ended");
         Ok(())
+    }
+}
+
+impl Worker {
+    /// After losing a job: a write that was already under way when the lease lapsed
+    /// (the fence is checked before a write, and object stores cannot refuse one
+    /// already sent) may have landed after the new holder finished the job and dropped
+    /// its checkpoints. A final job never needs them, so they go again; a job still
+    /// running keeps them (its holder overwrites or drops them).
+    fn tidy_after_takeover(&self, id: &str) {
+        let tidied = self.runtime.block_on(async {
+            if self.jobs.get_status(id).await?.state.is_final() {
+                discard_checkpoints(self.jobs.store(), id).await?;
+            }
+            Ok::<(), coreg::Error>(())
+        });
+        if let Err(e) = tidied {
+            tracing::warn!("tidying a lost job's checkpoints: {e}");
+        }
     }
 }
 

@@ -6,6 +6,7 @@
 // As in the trainer itself: a function over ~80 lines (clippy.toml) mixes ideas.
 #![warn(clippy::too_many_lines)]
 
+mod chaos;
 mod common;
 
 mod default_schedule;
