@@ -40,7 +40,7 @@ mkdir -p "$OUT"
 rm -f "$OUT"/sampler.*.json
 
 cargo build --release -p coreg --bin coreg
-cargo build --release -p coreg-sampler --example sample_bench
+cargo build --release -p coreg-sampler --features bench --example sample_bench
 if [[ ! -f "$MODEL/model_index.json" ]]; then
     "$ROOT/target/release/coreg" model init --size small --seed 0 --out "$MODEL"
 fi

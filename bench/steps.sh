@@ -33,7 +33,7 @@ PYTHON="$ROOT/.venv/bin/python"
 mkdir -p "$OUT"
 rm -f "$OUT"/stage*.json
 
-cargo build --release -p coreg --bin coreg --example step_bench
+cargo build --release -p coreg --features bench --bin coreg --example step_bench
 if [[ ! -f "$MODEL/model_index.json" ]]; then
     "$ROOT/target/release/coreg" model init --size small --seed 0 --out "$MODEL"
 fi
