@@ -243,38 +243,46 @@ async fn a_crash_between_manifest_and_result_ends_succeeded() {
     assert!(checkpoints_of(&fx, &job.id).await.is_empty());
 }
 
+/// Starts replica `name` and waits until job `id` runs its `attempt`-th start, in stage
+/// 2 past `past` steps; with `id` empty it first submits a long job as `version`.
+async fn running_replica(
+    fx: &Fixture,
+    name: &str,
+    (id, version): (&mut String, &str),
+    attempt: u32,
+    past: u32,
+) -> Server {
+    let server = replica(fx, name, "");
+    server.wait_serving().await;
+    if id.is_empty() {
+        let photos = photos(&fx.path("photos"));
+        let spec = spec(&photos, version, 4, 400, 5);
+        *id = create(&mut server.client().await, version, spec).await.id;
+    }
+    wait_running(&server, id, attempt, past).await;
+    server
+}
+
 /// Issue: SIGTERM give-backs counted as failed attempts (the 5th rolling update of a
 /// long job failed it). Five SIGTERMs later the job still ends SUCCEEDED.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_give_backs_never_fail_a_job() {
     let fx = Fixture::with_photos();
-    let photos = photos(&fx.path("photos"));
     let mut id = String::new();
     for attempt in 1..=5 {
-        let mut server = replica(&fx, &format!("rolling-{attempt}"), "");
-        server.wait_serving().await;
-        if attempt == 1 {
-            let job = create(
-                &mut server.client().await,
-                "rolling",
-                spec(&photos, "rolling", 4, 400, 5),
-            )
-            .await;
-            id = job.id;
-        }
-        wait_running(&server, &id, attempt, 0).await;
+        let name = format!("rolling-{attempt}");
+        let mut server = running_replica(&fx, &name, (&mut id, "rolling"), attempt, 0).await;
         assert_eq!(server.terminate(), Some(0), "{}", server.log_text());
         let status = stored_status(&fx, &id);
-        assert_eq!(status["state"], "queued", "{status}");
-        assert_eq!(
-            (&status["failures"], &status["crashes"]),
-            (&0.into(), &0.into())
-        );
+        assert_eq!(status["state"], "queued", "given back: {status}");
     }
     let last = replica(&fx, "rolling-last", "");
     last.wait_serving().await;
     let done = wait_succeeded(&mut last.client().await, &id, JOB_TIMEOUT).await;
     assert_eq!(done.attempts, 6, "{done:?}");
+    let status = stored_status(&fx, &id);
+    let counted = (&status["failures"], &status["crashes"]);
+    assert_eq!(counted, (&0.into(), &0.into()), "{status}");
 }
 
 /// Issue: crashes (kill -9, OOM, panic) were never counted, so a job that kills its
@@ -283,21 +291,10 @@ async fn sigterm_give_backs_never_fail_a_job() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_whose_replicas_keep_dying_ends_failed() {
     let fx = Fixture::with_photos();
-    let photos = photos(&fx.path("photos"));
     let mut id = String::new();
     for attempt in 1..=3 {
-        let mut server = replica(&fx, &format!("victim-{attempt}"), "");
-        server.wait_serving().await;
-        if attempt == 1 {
-            let job = create(
-                &mut server.client().await,
-                "deadly",
-                spec(&photos, "deadly", 4, 400, 5),
-            )
-            .await;
-            id = job.id;
-        }
-        wait_running(&server, &id, attempt, 5).await;
+        let name = format!("victim-{attempt}");
+        let mut server = running_replica(&fx, &name, (&mut id, "deadly"), attempt, 5).await;
         server.kill();
     }
     let last = replica(&fx, "victim-last", "");
