@@ -185,7 +185,7 @@ mod tests {
             );
             assert!(cost.fraction <= 0.05, "{steps} steps: {cost:?}");
         }
-        // A long stage still checkpoints: every ~21 minutes of training.
+        // A long stage still checkpoints: every ~17.5 minutes of training.
         let long = simulate(
             policy(50, None),
             20_000,
