@@ -16,6 +16,15 @@ use serde_json::{json, Value};
 /// The proxy's name in toxiproxy.
 const PROXY: &str = "store";
 
+/// Which traffic a toxic acts on.
+#[derive(Clone, Copy, Debug)]
+pub enum Way {
+    /// From the client to the store: requests, uploads.
+    Up,
+    /// From the store to the client: responses, downloads.
+    Down,
+}
+
 /// A toxiproxy server with one proxy in front of `upstream`. Killed when dropped.
 pub struct FaultProxy {
     child: Child,
@@ -67,16 +76,38 @@ impl FaultProxy {
         format!("http://{}", self.listen)
     }
 
+    /// The trainer's and sampler's environment for a store with `options` (a
+    /// [`crate::moto::MotoServer`]'s), reached through this proxy instead.
+    pub fn store_env(&self, options: &[(String, String)]) -> Vec<(String, String)> {
+        options
+            .iter()
+            .map(|(key, value)| {
+                let value = if key == "aws_endpoint" {
+                    self.endpoint()
+                } else {
+                    value.clone()
+                };
+                (
+                    format!("COREG_STORE__OPTIONS__{}", key.to_uppercase()),
+                    value,
+                )
+            })
+            .collect()
+    }
+
     /// Adds toxic `name` of `kind` (`latency`, `bandwidth`, `reset_peer`, `timeout`,
-    /// …) to the server's responses, on a `toxicity` share of connections.
-    pub fn add(&self, name: &str, kind: &str, toxicity: f64, attributes: Value) {
+    /// …) to the traffic going `way`, on a `toxicity` share of connections.
+    pub fn add(&self, name: &str, kind: &str, way: Way, toxicity: f64, attributes: Value) {
         self.call(
             "POST",
             &format!("/proxies/{PROXY}/toxics"),
             json!({
                 "name": name,
                 "type": kind,
-                "stream": "downstream",
+                "stream": match way {
+                    Way::Up => "upstream",
+                    Way::Down => "downstream",
+                },
                 "toxicity": toxicity,
                 "attributes": attributes,
             }),

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use coreg::artifact::read_manifest;
 use coreg::store::Store;
 use coreg_proto::v1 as pb;
-use coreg_test_support::faults::FaultProxy;
+use coreg_test_support::faults::{FaultProxy, Way};
 use coreg_test_support::fixture::Fixture;
 use coreg_test_support::moto::MotoServer;
 use coreg_test_support::photos::read_all as photos;
@@ -24,8 +24,11 @@ use crate::common::server::TrainerServer;
 
 const REPLICAS: usize = 3;
 const JOBS: usize = 8;
-/// How long replicas are killed and the store misbehaves.
+/// How long replicas are killed and the store misbehaves, at least.
 const CHAOS: Duration = Duration::from_secs(60);
+/// Kills and SIGTERMs, at least: a slow machine (a SIGTERM waits for its checkpoint)
+/// fits fewer in `CHAOS`, so the chaos runs on until it has done this many.
+const INTERRUPTIONS: usize = 12;
 const JOB_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// The replicas, each slot restarted under its own name after every kill.
@@ -94,22 +97,34 @@ struct Report {
     faults: usize,
 }
 
-/// Kills or SIGTERMs a random replica every 1–2.5 s and restarts it, while the
-/// store gets latency, reset connections, a partition and a throttled stretch.
+/// Kills or SIGTERMs a random replica every 1–2.5 s and restarts it, for `CHAOS` and
+/// `INTERRUPTIONS` at least, while the store gets latency, reset connections, a
+/// partition and a throttled stretch.
 async fn unleash(fleet: &mut Fleet<'_>, proxy: &FaultProxy) -> Report {
     let mut rng = StdRng::seed_from_u64(12);
     let mut report = Report::default();
     proxy.add(
         "latency",
         "latency",
+        Way::Down,
         1.0,
         json!({"latency": 20, "jitter": 20}),
     );
-    proxy.add("resets", "reset_peer", 0.03, json!({"timeout": 0}));
+    proxy.add(
+        "resets",
+        "reset_peer",
+        Way::Down,
+        0.03,
+        json!({"timeout": 0}),
+    );
     report.faults += 2;
     let started = Instant::now();
     let (mut partitioned, mut throttled) = (false, false);
-    while started.elapsed() < CHAOS || !partitioned || !throttled {
+    while started.elapsed() < CHAOS
+        || !partitioned
+        || !throttled
+        || report.kills + report.sigterms < INTERRUPTIONS
+    {
         let at = started.elapsed();
         if !partitioned && at > CHAOS / 3 {
             proxy.partition(true);
@@ -119,7 +134,13 @@ async fn unleash(fleet: &mut Fleet<'_>, proxy: &FaultProxy) -> Report {
             report.faults += 1;
         }
         if !throttled && at > 2 * CHAOS / 3 {
-            proxy.add("throttle", "bandwidth", 1.0, json!({"rate": 256}));
+            proxy.add(
+                "throttle",
+                "bandwidth",
+                Way::Down,
+                1.0,
+                json!({"rate": 256}),
+            );
             throttled = true;
             report.faults += 1;
         }
@@ -196,18 +217,7 @@ async fn chaos_every_job_succeeds_and_is_published_once() {
     let moto = MotoServer::start();
     moto.create_bucket("chaos");
     let proxy = FaultProxy::start(moto.address());
-    let env = moto
-        .options()
-        .into_iter()
-        .map(|(k, v)| {
-            let v = if k == "aws_endpoint" {
-                proxy.endpoint()
-            } else {
-                v
-            };
-            (format!("COREG_STORE__OPTIONS__{}", k.to_uppercase()), v)
-        })
-        .collect();
+    let env = proxy.store_env(&moto.options());
     let mut fleet = Fleet {
         fx: &fx,
         env,
@@ -253,5 +263,4 @@ async fn chaos_every_job_succeeds_and_is_published_once() {
     assert_eq!(duplicates, 0);
     let store = Store::open("s3://chaos", moto.options()).unwrap();
     assert_published_as_uninterrupted(&store, &fleet, &ids).await;
-    assert!(report.kills + report.sigterms >= 10, "{report:?}");
 }
