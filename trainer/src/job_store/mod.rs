@@ -35,7 +35,7 @@ mod tests;
 
 use coreg::store::Store;
 
-pub use claim::Lease;
+pub use claim::{Claim, Lease};
 pub use ids::{job_id_for_request, new_job_id};
 pub use record::{Creation, JobState, JobStatus, StoredSpec, TrainingProgress, TrainingStage};
 

@@ -9,6 +9,7 @@ pub mod config;
 mod lease_keeper;
 mod metrics;
 mod request;
+mod takeover_watch;
 mod worker;
 
 use std::path::Path;

@@ -23,12 +23,16 @@ use super::config::ServiceConfig;
 use super::lease_keeper::KeptLease;
 use super::metrics::Metrics;
 use super::request::TrainingRequest;
+use super::takeover_watch::TakeoverWatch;
 
 /// Weight of the newest step in the step-time average.
 const STEP_TIME_SMOOTHING: f64 = 0.2;
 /// Between steps, how often the holder checks for a cancellation, and the most often it
 /// rewrites the job's status.
 const CHECK_INTERVAL: Duration = Duration::from_millis(500);
+/// How many leases a write waits for a failing store to come back before the job is
+/// given back (5 minutes at the default 30 s lease).
+const OUTAGE_LEASES: u32 = 10;
 /// How often a write waiting for the lease to be renewed looks again.
 const FENCE_POLL: Duration = Duration::from_millis(100);
 
@@ -93,8 +97,9 @@ impl Worker {
         };
         tracing::info!(replica = %self.replica, "model loaded; taking jobs");
         crate::failpoint::hit("before-taking-jobs");
+        let mut watch = TakeoverWatch::new(self.config.lease());
         while !self.shared.shutdown.load(Ordering::SeqCst) {
-            let ran = match self.take_one(&mut model) {
+            let ran = match self.take_one(&mut model, &mut watch) {
                 Ok(ran) => ran,
                 Err(e) => {
                     tracing::warn!("looking for work failed: {e}");
@@ -116,13 +121,28 @@ impl Worker {
         tracing::info!("worker stopped");
     }
 
-    /// Runs the first queued job this replica can claim.
-    fn take_one(&self, model: &mut BaseModel) -> Result<Ran, job_store::Error> {
+    /// Runs the first queued job this replica can claim; a job another replica holds
+    /// only once `watch` saw its lease go unrenewed for a whole lease.
+    fn take_one(
+        &self,
+        model: &mut BaseModel,
+        watch: &mut TakeoverWatch,
+    ) -> Result<Ran, job_store::Error> {
         let queued = self.runtime.block_on(self.jobs.queued_jobs())?;
         self.shared.metrics.queue_depth.set(queued.len() as i64);
+        watch.retain(&queued);
         for id in queued {
             if self.shared.shutdown.load(Ordering::SeqCst) {
                 return Ok(Ran::Nothing);
+            }
+            let claim = match self.runtime.block_on(self.jobs.current_claim(&id)) {
+                Ok(claim) => claim,
+                // The newest claim vanished as it was read: replicas are busy on it.
+                Err(coreg::Error::NotFound { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            if !watch.may_take(&id, claim.as_ref(), &self.replica, Instant::now()) {
+                continue;
             }
             let lease = self.runtime.block_on(self.jobs.acquire(
                 &id,
@@ -482,14 +502,21 @@ impl JobControl for ServiceControl<'_> {
 
     fn may_write(&self) -> Result<(), JobFailure> {
         // While renewals fail (a store outage) the fence is down; wait for the renewal
-        // task to get through rather than give up a job at the first slow request.
-        let deadline = Instant::now() + self.worker.config.lease();
+        // task to get through rather than give up the job: the other replicas' takeover
+        // watch leaves the holder a lease's time to renew once the store is back. Only
+        // an outage of many leases gives the job back.
+        let deadline = Instant::now() + OUTAGE_LEASES * self.worker.config.lease();
         loop {
             if self.lease.lost() {
                 return Err(JobFailure::LeaseLost);
             }
             if self.lease.holds() {
                 return Ok(());
+            }
+            if self.worker.shared.shutdown.load(Ordering::SeqCst) {
+                return Err(JobFailure::Interrupted(
+                    "shut down while the store was unreachable".into(),
+                ));
             }
             if Instant::now() >= deadline {
                 return Err(JobFailure::Transient(format!(

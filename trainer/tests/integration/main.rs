@@ -14,3 +14,4 @@ mod durability;
 mod run;
 mod serve;
 mod serve_input;
+mod store_faults;
