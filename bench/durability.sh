@@ -20,9 +20,9 @@ cd "$ROOT"
 export LIBTORCH_USE_PYTORCH=1 VIRTUAL_ENV="$ROOT/.venv" PATH="$ROOT/.venv/bin:$PATH"
 
 OUT="$ROOT/target/bench"
-STORE="$OUT/durability-store"
+STORE_DIR="$OUT/durability-store"
 mkdir -p "$OUT"
-rm -rf "$STORE"
+rm -rf "$STORE_DIR"
 
 PROFILE="${PROFILE:-release}"
 if [[ "$PROFILE" == release ]]; then
@@ -36,7 +36,7 @@ fi
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 "$ROOT/.venv/bin/moto_server" -H 127.0.0.1 -p "$PORT" >"$OUT/durability-moto.log" 2>&1 &
 MOTO=$!
-trap 'kill $MOTO 2>/dev/null; rm -rf "$STORE"' EXIT
+trap 'kill $MOTO 2>/dev/null; rm -rf "$STORE_DIR"' EXIT
 for _ in $(seq 100); do
     curl -s "http://127.0.0.1:$PORT" >/dev/null && break
     sleep 0.1
@@ -45,9 +45,9 @@ python3 -c "import boto3; boto3.client('s3', endpoint_url='http://127.0.0.1:$POR
 aws_access_key_id='test', aws_secret_access_key='test', region_name='us-east-1')\
 .create_bucket(Bucket='bench')"
 
-if [[ "${STORE:-file}" == s3 ]]; then CONCEPT_STORE="s3://bench"; else CONCEPT_STORE="file://$STORE/concept"; fi
+if [[ "${STORE:-file}" == s3 ]]; then CONCEPT_STORE="s3://bench"; else CONCEPT_STORE="file://$STORE_DIR/concept"; fi
 OPTIONS="aws_endpoint=http://127.0.0.1:$PORT,aws_access_key_id=test,aws_secret_access_key=test,aws_region=us-east-1,aws_allow_http=true"
 "$BENCH" \
-    --checkpoint-store "file://$STORE" \
+    --checkpoint-store "file://$STORE_DIR" \
     --concept-store "$CONCEPT_STORE" \
     --options "$OPTIONS" | tee "$OUT/durability.json"
