@@ -358,9 +358,13 @@ pub async fn read_concept(store: &Store, name: &str, version: &str) -> Result<Lo
             ));
         }
     }
+    // The U-Net delta (3.4 GB exact at full size) is read in verified ranges straight
+    // into its tensors; the other blobs are small and read whole.
     let mut contents = BTreeMap::new();
     for (role, blob) in &manifest.blobs {
-        contents.insert(role.as_str(), store.get_blob(blob).await?);
+        if role != roles::UNET_DELTA {
+            contents.insert(role.as_str(), store.get_blob(blob).await?);
+        }
     }
     let at = |role: &str| -> (&str, &Bytes) { (&manifest.blobs[role].path, &contents[role]) };
 
@@ -387,8 +391,11 @@ pub async fn read_concept(store: &Store, name: &str, version: &str) -> Result<Lo
         ));
     }
 
-    let (blob_path, bytes) = at(roles::UNET_DELTA);
-    let unet_delta = UNetDelta::from_bytes(bytes).map_err(|e| relabel(e, blob_path))?;
+    let blob = &manifest.blobs[roles::UNET_DELTA];
+    let blob_path = &blob.path;
+    let unet_delta = UNetDelta::read_blob(store, blob)
+        .await
+        .map_err(|e| relabel(e, blob_path))?;
     if !same_delta_kind(&unet_delta.summary(), &manifest.unet_delta) {
         return Err(corrupt(
             blob_path,
@@ -476,7 +483,7 @@ fn already_exists(name: &str, version: &str) -> Error {
 /// Points a decoding error at the blob it came from.
 fn relabel(error: Error, blob_path: &str) -> Error {
     match error {
-        Error::CorruptArtifact { path, message } => Error::CorruptArtifact {
+        Error::CorruptArtifact { path, message } if path != blob_path => Error::CorruptArtifact {
             path: blob_path.to_owned(),
             message: format!("{path}: {message}"),
         },

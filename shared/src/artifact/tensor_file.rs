@@ -12,9 +12,10 @@ use std::collections::{BTreeMap, HashMap};
 
 use safetensors::tensor::SafeTensors;
 use serde_json::{json, Map, Value};
+use sha2::{Digest, Sha256};
 use tch::{Device, Kind, Tensor};
 
-use crate::store::Store;
+use crate::store::{BlobRef, Store};
 use crate::{Error, Result};
 
 /// The safetensors dtype name of a tensor kind.
@@ -275,6 +276,53 @@ pub async fn read_from_store(
     path: &str,
 ) -> Result<(BTreeMap<String, Tensor>, HashMap<String, String>)> {
     let size = store.size(path).await?;
+    read_ranges(store, path, size, None).await
+}
+
+/// Reads content-addressed safetensors `blob` as [`read_from_store`] does, hashing
+/// every byte on the way: a blob whose size or SHA-256 differs from the reference, or
+/// whose tensors do not tile its data exactly (bytes no tensor covers would escape
+/// the use of the tensors, not the hash), is an [`Error::CorruptArtifact`]. For
+/// blobs too large to hold twice: a 3.4 GB U-Net delta costs its tensors and a chunk.
+pub async fn read_blob(
+    store: &Store,
+    blob: &BlobRef,
+) -> Result<(BTreeMap<String, Tensor>, HashMap<String, String>)> {
+    crate::store::check_blob_path(blob)?;
+    let size = match store.size(&blob.path).await {
+        Ok(size) => size,
+        Err(Error::NotFound { .. }) => {
+            return Err(corrupt(&blob.path, "the blob is missing from the store"))
+        }
+        Err(e) => return Err(e),
+    };
+    if size != blob.size {
+        return Err(corrupt(
+            &blob.path,
+            format!("size is {size} bytes, expected {}", blob.size),
+        ));
+    }
+    let mut hasher = Sha256::new();
+    let read = read_ranges(store, &blob.path, size, Some(&mut hasher)).await?;
+    let digest = hex::encode(hasher.finalize());
+    if digest != blob.sha256 {
+        return Err(corrupt(
+            &blob.path,
+            format!("sha256 is {digest}, expected {}", blob.sha256),
+        ));
+    }
+    Ok(read)
+}
+
+/// The ranged reads behind [`read_from_store`] and [`read_blob`]; with `hasher`, the
+/// tensors are read in file order and must cover the data without gap or overlap, so
+/// that every byte of the file passes through it once.
+async fn read_ranges(
+    store: &Store,
+    path: &str,
+    size: u64,
+    mut hasher: Option<&mut Sha256>,
+) -> Result<(BTreeMap<String, Tensor>, HashMap<String, String>)> {
     let bad = |message: String| corrupt(path, message);
     if size < 8 {
         return Err(bad(format!("{size} bytes is no safetensors file")));
@@ -288,7 +336,28 @@ pub async fn read_from_store(
     }
     let json = store.get_range(path, 8..8 + header_size).await?;
     let base = 8 + header_size;
-    let (entries, metadata) = parse_header(path, &json, size - base)?;
+    let (mut entries, metadata) = parse_header(path, &json, size - base)?;
+    if let Some(hasher) = hasher.as_deref_mut() {
+        hasher.update(&length);
+        hasher.update(&json);
+        entries.sort_by_key(|entry| entry.data.start);
+        let mut covered = 0;
+        for entry in &entries {
+            if entry.data.start != covered {
+                return Err(bad(format!(
+                    "tensor `{}` starts at {}, not where the previous ends ({covered})",
+                    entry.name, entry.data.start
+                )));
+            }
+            covered = entry.data.end;
+        }
+        if covered != size - base {
+            return Err(bad(format!(
+                "{} bytes of data follow the last tensor",
+                size - base - covered
+            )));
+        }
+    }
     let mut tensors = BTreeMap::new();
     for entry in entries {
         let tensor = Tensor::f_empty(&entry.shape, (entry.kind, Device::Cpu))?;
@@ -299,6 +368,9 @@ pub async fn read_from_store(
         while at < entry.data.end {
             let end = (at + chunk).min(entry.data.end);
             let bytes = store.get_range(path, base + at..base + end).await?;
+            if let Some(hasher) = hasher.as_deref_mut() {
+                hasher.update(&bytes);
+            }
             let count = ((end - at) / element) as i64;
             let piece = Tensor::f_from_data_size(&bytes, &[count], entry.kind)?;
             let first = ((at - entry.data.start) / element) as i64;
@@ -384,5 +456,61 @@ mod tests {
 
         let err = decode("thing", &bytes[..bytes.len() - 1]).unwrap_err();
         assert!(matches!(err, Error::CorruptArtifact { ref path, .. } if path == "thing"));
+    }
+
+    /// The message of the [`Error::CorruptArtifact`] `read_blob` gives for `blob`.
+    fn refused(store: &Store, blob: &BlobRef) -> String {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        match runtime.block_on(read_blob(store, blob)) {
+            Err(Error::CorruptArtifact { path, message }) => {
+                assert_eq!(path, blob.path);
+                message
+            }
+            other => panic!("{:?}", other.map(|(tensors, _)| tensors.len())),
+        }
+    }
+
+    /// A blob read in verified ranges gives its tensors; one byte changed, a size
+    /// that differs, a missing blob or bytes no tensor covers (which the hash would
+    /// vouch for but no reader would see) are refused, naming the blob.
+    #[test]
+    fn a_blob_read_in_ranges_is_verified_on_the_way() {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let store = Store::open("memory:///", Vec::<(String, String)>::new()).unwrap();
+        let a = Tensor::randn([3, 700_000], (Kind::Float, Device::Cpu));
+        let b = Tensor::arange(5, (Kind::Int64, Device::Cpu));
+        let bytes = encode(&[("a".into(), &a), ("b".into(), &b)], HashMap::new()).unwrap();
+        assert!(bytes.len() > 2 * CHUNK_BYTES, "several chunks");
+        let put = |bytes: Vec<u8>| {
+            runtime
+                .block_on(store.put_blob(bytes::Bytes::from(bytes)))
+                .unwrap()
+        };
+        let blob = put(bytes.clone());
+        let (tensors, _) = runtime.block_on(read_blob(&store, &blob)).unwrap();
+        assert!(tensors["a"].equal(&a) && tensors["b"].equal(&b));
+
+        // The same size, one byte of `a` flipped, stored under the original's name.
+        let mut altered = bytes.clone();
+        let last = altered.len() - 50;
+        altered[last] ^= 1;
+        runtime
+            .block_on(store.put_overwrite(&blob.path, altered.into()))
+            .unwrap();
+        assert!(refused(&store, &blob).starts_with("sha256 is "));
+
+        let wrong_size = BlobRef {
+            size: blob.size + 1,
+            ..blob.clone()
+        };
+        assert!(refused(&store, &wrong_size).contains("expected"));
+        let missing = BlobRef::of(b"never stored");
+        assert!(refused(&store, &missing).contains("missing"));
+
+        // Eight bytes after the last tensor, hashed into a valid reference.
+        let mut trailing = bytes;
+        trailing.extend_from_slice(b"trailing");
+        let blob = put(trailing);
+        assert!(refused(&store, &blob).contains("follow the last tensor"));
     }
 }

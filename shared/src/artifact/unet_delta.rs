@@ -26,6 +26,7 @@ use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 use crate::artifact::tensor_file::{self, corrupt};
+use crate::store::{BlobRef, Store};
 use crate::{Error, Result};
 
 /// Parameters by name, as `VarStore::variables` returns them.
@@ -339,7 +340,23 @@ impl UNetDelta {
     /// Reads [`UNetDelta::to_bytes`] output, checking its structure; anything
     /// malformed is an [`Error::CorruptArtifact`].
     pub fn from_bytes(bytes: &[u8]) -> Result<UNetDelta> {
-        let (mut tensors, metadata) = tensor_file::decode(WHAT, bytes)?;
+        let (tensors, metadata) = tensor_file::decode(WHAT, bytes)?;
+        UNetDelta::from_tensors(tensors, &metadata)
+    }
+
+    /// Reads the delta stored as content-addressed `blob` in ranges, verifying its
+    /// SHA-256 on the way ([`tensor_file::read_blob`]): host memory grows by the
+    /// delta's tensors and a chunk, not by the file as well.
+    pub async fn read_blob(store: &Store, blob: &BlobRef) -> Result<UNetDelta> {
+        let (tensors, metadata) = tensor_file::read_blob(store, blob).await?;
+        UNetDelta::from_tensors(tensors, &metadata)
+    }
+
+    /// The delta a [`UNetDelta::to_bytes`] file's tensors and metadata describe.
+    fn from_tensors(
+        mut tensors: BTreeMap<String, Tensor>,
+        metadata: &HashMap<String, String>,
+    ) -> Result<UNetDelta> {
         let field = |key: &str| {
             metadata
                 .get(key)

@@ -478,7 +478,7 @@ impl Store {
 
 /// A blob reference must point where its digest says: a tampered manifest must not
 /// make a reader fetch (and trust) some other object.
-fn check_blob_path(blob: &BlobRef) -> Result<()> {
+pub(crate) fn check_blob_path(blob: &BlobRef) -> Result<()> {
     let well_formed = blob.sha256.len() == 64
         && blob
             .sha256

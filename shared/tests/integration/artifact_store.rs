@@ -768,9 +768,10 @@ async fn the_protocol_holds_on_the_s3_api() {
 
 /// A 40 MB tensor file goes up as an S3 multipart upload of three 16 MiB parts (moto
 /// refuses parts under 5 MiB but the last, as S3 does) and comes back by ranged reads
-/// bit for bit; as a content-addressed blob it hashes as its bytes.
+/// bit for bit; as a content-addressed blob it hashes as its bytes and reads back
+/// verified in ranges.
 async fn streams_tensors_in_parts_and_reads_them_in_ranges(store: &Store) {
-    use coreg::artifact::tensor_file::{encode, read_from_store, TensorFile};
+    use coreg::artifact::tensor_file::{encode, read_blob, read_from_store, TensorFile};
     let big = Tensor::randn([10_000_000], (Kind::Float, Device::Cpu));
     let half = Tensor::randn([3, 1001], (Kind::BFloat16, Device::Cpu));
     let named = [("big".to_owned(), &big), ("half".to_owned(), &half)];
@@ -792,6 +793,8 @@ async fn streams_tensors_in_parts_and_reads_them_in_ranges(store: &Store) {
         .await
         .unwrap();
     assert_eq!(blob, coreg::store::BlobRef::of(&in_memory));
+    let (tensors, _) = read_blob(store, &blob).await.unwrap();
+    assert!(tensors["big"].equal(&big) && tensors["half"].equal(&half));
 }
 
 /// The cloud SDK's variables configure an s3:// store the way `aws` would read them;
