@@ -119,6 +119,7 @@ fn main() {
         .map(|(name, w)| (name.clone(), w + 1e-3))
         .collect();
     let delta = UNetDelta::exact(&weights, &tuned).unwrap();
+    let parameters = delta.len();
     drop(tuned);
     drop(weights);
     let delta_tensors: u64 = {
@@ -138,6 +139,18 @@ fn main() {
             .block_on(concept_store.put_blob_streamed(move || Ok(Box::new(file.reader()))))
             .unwrap()
     });
+    // The sampler's read of it: verified ranges straight into the delta's tensors.
+    // Skipped on moto (`--no-read-back`): its ranged GETs copy the whole object each.
+    drop(delta);
+    let read_back = !std::env::args().any(|a| a == "--no-read-back");
+    let (read, read_took, read_growth) = measured(|| {
+        read_back.then(|| {
+            runtime
+                .block_on(UNetDelta::read_blob(&concept_store, &blob))
+                .unwrap()
+        })
+    });
+    assert!(read.is_none_or(|read| read.len() == parameters));
 
     let measured_rate = written.size as f64 / checkpoint_took.as_secs_f64();
     let rate = measured_rate.min(200e6);
@@ -180,6 +193,8 @@ fn main() {
                 "written_bytes": blob.size,
                 "seconds": delta_took.as_secs_f64(),
                 "peak_rss_growth_bytes": delta_growth,
+                "read_seconds": read_back.then_some(read_took.as_secs_f64()),
+                "read_peak_rss_growth_bytes": read_back.then_some(read_growth),
             },
             "cadence": {
                 "step_seconds": 0.5,
