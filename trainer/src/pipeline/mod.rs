@@ -140,10 +140,8 @@ impl<'a> Job<'a> {
         restore(model)?;
         let result = self.train(model);
         restore(model)?;
-        if matches!(result, Err(JobFailure::Cancelled)) {
-            // A cancelled job is never resumed: its checkpoints are garbage.
-            self.discard_checkpoints()?;
-        }
+        // A cancelled job's checkpoints are dropped by whoever ends it (the service's
+        // worker, for every final state but success).
         result
     }
 
